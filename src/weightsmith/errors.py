@@ -1,0 +1,23 @@
+"""User-facing errors.
+
+Every error a user can cause (a bad recipe key, an impossible shape, a missing or corrupt file, an
+attempt to overwrite a run) raises :class:`WeightsmithError` with a one-line message that names the
+field or file and says what is allowed. The CLI prints that line and exits with status 2; Python callers
+can catch the exception.
+"""
+
+
+class WeightsmithError(Exception):
+    """A problem with the user's input, reported as one line (no traceback) by the CLI."""
+
+
+class ConfigError(WeightsmithError, ValueError):
+    """A config field is unknown, has the wrong type, or holds an impossible value."""
+
+
+class DataError(WeightsmithError):
+    """A corpus, shard or manifest is missing, corrupt or inconsistent."""
+
+
+class CheckpointError(WeightsmithError):
+    """A checkpoint or run directory is missing, corrupt, or would be overwritten."""

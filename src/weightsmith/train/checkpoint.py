@@ -1,0 +1,201 @@
+"""Checkpoints and run directories.
+
+A run directory::
+
+    config.toml        resolved config ([data], [model], [train], [sample])
+    manifest.json      data manifest, package version, git commit, torch version, machine
+    tokenizer.json     the run's tokenizer (weightsmith.data.tokenizers)
+    metrics.jsonl      one JSON object per logged step
+    eval.json          final evaluation
+    samples.txt        generated text
+    checkpoints/step_000500/
+        model.safetensors   weights (shared tensors such as tied embeddings stored once)
+        train_state.pt      optimizer, RNG and data-position state (tensors and plain data only)
+        meta.json           step and the sha256 of each file above; written last
+
+A checkpoint is written into ``checkpoints/.tmp-*``, every file is fsynced, and the directory is renamed
+into place, so a reader never sees a half-written checkpoint. Loading verifies the hashes in
+``meta.json``. Nothing is ever unpickled beyond tensors and plain containers: weights come from
+safetensors and ``train_state.pt`` is read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from weightsmith.data.prepare import sha256_file
+from weightsmith.errors import CheckpointError
+
+CKPT_DIR = "checkpoints"
+WEIGHTS = "model.safetensors"
+STATE = "train_state.pt"
+META = "meta.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file, fsync and rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any] | None,
+                    keep: int = 0) -> Path:
+    """Write ``checkpoints/step_{step:06d}`` atomically; keep only the newest ``keep`` (0 = all)."""
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        save_model(model, str(tmp / WEIGHTS))
+        files = [WEIGHTS]
+        if state is not None:
+            torch.save(state, tmp / STATE)
+            files.append(STATE)
+        for name in files:
+            _fsync_file(tmp / name)
+        meta = {"step": step, "files": {n: sha256_file(tmp / n) for n in files}}
+        atomic_write_text(tmp / META, json.dumps(meta, indent=2))
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint directories (temporary ones excluded), oldest first."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def verify_checkpoint(ckpt: Path) -> dict:
+    """Return the checkpoint's meta after checking every file's sha256.
+
+    Raises:
+        CheckpointError: naming the missing, truncated or corrupt file.
+    """
+    meta_path = ckpt / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete: {META} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt: {META} is not valid JSON") from None
+    for name, digest in meta["files"].items():
+        f = ckpt / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {ckpt} is incomplete: {name} is missing")
+        if sha256_file(f) != digest:
+            raise CheckpointError(f"checkpoint file {f} is corrupt or truncated (sha256 mismatch)")
+    return meta
+
+
+def latest_good_checkpoint(run_dir: Path, log=print) -> Path | None:
+    """Newest checkpoint that verifies; corrupt newer ones are reported and skipped."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(ckpt)
+            return ckpt
+        except CheckpointError as e:
+            log(f"warning: skipping {e}")
+    return None
+
+
+def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """Load verified safetensors weights into ``model`` (strict).
+
+    Raises:
+        CheckpointError: if the file is corrupt or does not match the model.
+    """
+    verify_checkpoint(ckpt)
+    try:
+        missing, unexpected = load_model(model, str(ckpt / WEIGHTS), strict=False)
+    except Exception as e:  # safetensors raises several types for a bad header
+        raise CheckpointError(f"cannot read {ckpt / WEIGHTS}: {e}") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt / WEIGHTS} does not match the model: missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}")
+
+
+def load_train_state(ckpt: Path) -> dict[str, Any]:
+    """``train_state.pt`` read with ``weights_only=True`` (no arbitrary unpickling)."""
+    try:
+        return torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot safely load {ckpt / STATE}: {e.__class__.__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+@dataclass
+class LoadedRun:
+    """A run directory opened for evaluation or generation."""
+
+    run_dir: Path
+    config: dict
+    model: torch.nn.Module
+    tokenizer: Any
+    checkpoint: Path
+
+
+def load_run(run_dir: str | Path, device: str = "cpu", checkpoint: Path | None = None) -> LoadedRun:
+    """Open ``run_dir``: config, tokenizer, and the newest checkpoint's weights.
+
+    Raises:
+        CheckpointError: if the directory is not a run, has no checkpoint, or the checkpoint is corrupt.
+    """
+    from weightsmith.config import load_toml
+    from weightsmith.data.tokenizers import load_tokenizer
+    from weightsmith.registry import build_config, model_from_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.toml)")
+    tree = load_toml(run_dir / "config.toml")
+    model_tree = dict(tree["model"])
+    family = model_tree.pop("family", "gpt")
+    cfg = build_config(family, model_tree)
+    ckpts = list_checkpoints(run_dir)
+    if checkpoint is None:
+        if not ckpts:
+            raise CheckpointError(f"{run_dir} has no checkpoint in {run_dir / CKPT_DIR}")
+        checkpoint = ckpts[-1]
+    model = model_from_config(family, cfg, device=device)
+    load_weights(model, checkpoint)
+    model.eval()
+    return LoadedRun(run_dir, tree, model, load_tokenizer(run_dir), checkpoint)

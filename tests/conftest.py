@@ -1,6 +1,6 @@
+import io
 import os
 import tarfile
-import io
 
 import pytest
 import torch
@@ -17,7 +17,7 @@ def tiny_corpus(tmp_path_factory):
     words = ("the king queen lord lady love death night day sword crown heart blood fair foul sweet "
              "good my thy thou art doth hath not what why how now then come go speak hear see").split()
     lines = []
-    for i in range(1500):
+    for _ in range(1500):
         name = rng.choice(["HAMLET", "OPHELIA", "KING", "QUEEN", "HORATIO"])
         body = " ".join(rng.choice(words) for _ in range(rng.randint(4, 10)))
         lines.append(f"{name}. {body.capitalize()}.\n")

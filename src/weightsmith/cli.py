@@ -7,6 +7,8 @@
                                  [--top-p P] [--seed S]
     weightsmith export RUN_DIR --format hf|gguf|onnx --out DIR [--dtype f32|f16|bf16|q8_0|q4_0]
     weightsmith models [PATTERN]
+    weightsmith inspect MODEL [--batch-size B] [--seq-len T] [--dtype D] [--optimizer adamw|sgd] [--json]
+                              [--model.key=value ...]
 
 Errors a user can cause print one line, ``error: ...``, and exit with status 2.
 """
@@ -95,6 +97,15 @@ def _cmd_models(args, overrides) -> int:
     return 0
 
 
+def _cmd_inspect(args, overrides) -> int:
+    from weightsmith.analysis.inspect import format_report, inspect_model
+
+    report = inspect_model(args.model, batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype,
+                           optimizer=args.optimizer, overrides=overrides)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     parser = argparse.ArgumentParser(prog="weightsmith", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +147,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     p = sub.add_parser("models", help="list registered families and presets")
     p.add_argument("pattern", nargs="?", default="*")
     handlers["models"] = _cmd_models
+
+    p = sub.add_parser("inspect", help="parameters, FLOPs and memory per module (model built on the meta device)")
+    p.add_argument("model", help="preset or family name, recipe TOML, or run directory")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=None, help="default: the model's max_seq_len")
+    p.add_argument("--dtype", default="float32", help="float32, bf16, fp16... for every byte count")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "sgd-momentum"])
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    handlers["inspect"] = _cmd_inspect
 
     return parser, handlers
 

@@ -3,4 +3,4 @@
 Each family lives in one file that reads top to bottom (config, layers, model, presets).
 """
 
-from weightsmith.models import gpt  # noqa: F401
+from weightsmith.models import bert, gpt, t5  # noqa: F401

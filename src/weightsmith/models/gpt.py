@@ -29,6 +29,7 @@ from torch import nn
 from weightsmith.errors import ConfigError
 from weightsmith.models.layers.attention import Attention, KVCache
 from weightsmith.models.layers.mlp import make_mlp
+from weightsmith.models.layers.moe import MoE
 from weightsmith.models.layers.norms import make_norm
 from weightsmith.models.layers.rope import rope_cos_sin, rope_frequencies
 from weightsmith.registry import register_family, register_preset
@@ -40,6 +41,8 @@ class GPTConfig:
 
     ``n_kv_heads=None`` means ``n_heads`` (plain multi-head attention). ``d_ff=None`` means ``4 *
     d_model`` for GELU, and for SwiGLU ``8/3 * d_model`` rounded up to a multiple of 64 (LLaMA's rule).
+    ``n_experts > 0`` replaces every MLP by a top-``n_experts_per_token`` mixture of SwiGLU experts of
+    width ``d_ff`` (layers/moe.py); 0 keeps the dense MLP.
     """
 
     vocab_size: int = 256
@@ -48,6 +51,8 @@ class GPTConfig:
     n_heads: int = 4
     n_kv_heads: int | None = None
     d_ff: int | None = None
+    n_experts: int = 0
+    n_experts_per_token: int = 2
     max_seq_len: int = 256
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
     mlp: Literal["gelu", "swiglu"] = "swiglu"
@@ -82,6 +87,13 @@ class GPTConfig:
                 self.d_ff = 4 * self.d_model
             else:
                 self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
+        if self.n_experts < 0:
+            raise ConfigError(f"model.n_experts must be >= 0 (0 = dense MLP), got {self.n_experts}")
+        if self.n_experts and not 1 <= self.n_experts_per_token <= self.n_experts:
+            raise ConfigError(f"model.n_experts_per_token={self.n_experts_per_token} must be in "
+                              f"[1, n_experts={self.n_experts}]")
+        if self.n_experts and self.mlp != "swiglu":
+            raise ConfigError(f"model.mlp='{self.mlp}': experts are SwiGLU, set mlp='swiglu' with n_experts")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
@@ -95,7 +107,11 @@ class Block(nn.Module):
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, bias=cfg.bias,
                               dropout=cfg.dropout, causal=True)
         self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.mlp = make_mlp(cfg.mlp, cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
+        if cfg.n_experts:
+            self.mlp = MoE(cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.n_experts_per_token, bias=cfg.bias,
+                           dropout=cfg.dropout)
+        else:
+            self.mlp = make_mlp(cfg.mlp, cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope=None, *, cache: KVCache | None = None, start: int = 0,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -178,7 +194,7 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)  # (B, T, D)
         rope = None
         if self.pos_emb is not None:
-            if int(pos.max()) >= self.config.max_seq_len:
+            if pos.device.type != "meta" and int(pos.max()) >= self.config.max_seq_len:  # meta: shapes only
                 raise ValueError(f"position {int(pos.max())} >= max_seq_len={self.config.max_seq_len}")
             x = x + self.pos_emb(pos)
         else:
@@ -204,5 +220,12 @@ register_preset("llama2-7b", "gpt", doc="LLaMA-2 7B, Touvron et al. 2023",
                 vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008,
                 max_seq_len=4096, norm="rmsnorm", mlp="swiglu", pos="rope", rope_theta=10000.0,
                 tie_embeddings=False, bias=False, norm_eps=1e-5)
+register_preset("mixtral-8x7b", "gpt", doc="Mixtral 8x7B (46.7B total, 12.9B active), Jiang et al. 2024",
+                vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+                n_experts=8, n_experts_per_token=2, max_seq_len=32768, norm="rmsnorm", mlp="swiglu",
+                pos="rope", rope_theta=1e6, tie_embeddings=False, bias=False, norm_eps=1e-5)
+register_preset("moe-tiny", "gpt", doc="a 2-layer top-2-of-4 mixture of experts for smoke tests",
+                vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, n_experts=4,
+                n_experts_per_token=2, max_seq_len=128)
 register_preset("gpt-tiny", "gpt", doc="a 4x128 char/byte-level model for smoke tests",
                 vocab_size=256, d_model=128, n_layers=4, n_heads=4, max_seq_len=256)

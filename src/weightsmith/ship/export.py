@@ -6,7 +6,7 @@
 format   dtypes                      what ``DIR`` holds
 =======  ==========================  ==============================================================
 hf       f32, f16, bf16              config.json, model.safetensors, tokenizer.json,
-                                     tokenizer_config.json, generation_config.json (transformers,
+                                     tokenizer_config.json (transformers,
                                      vLLM and TGI load it with no custom code; see docs/serving.md)
 gguf     f32, f16, q8_0, q4_0        model.gguf (llama.cpp; arch ``llama`` or ``gpt2``)
 onnx     f32                         model.onnx (input_ids (B, T) -> logits (B, T, V)), tokenizer.json
@@ -76,7 +76,9 @@ def atomic_output_dir(out: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         for f in sorted(tmp.rglob("*")):
+            f.chmod(0o755 if f.is_dir() else 0o644)  # writers differ (safetensors uses 0600)
             _fsync_path(f)
+        tmp.chmod(0o755)  # mkdtemp makes 0700
         _fsync_path(tmp)
         if out.exists():  # someone else created it while we were writing
             raise CheckpointError(f"--out {out} appeared while exporting; not overwriting it")

@@ -127,6 +127,8 @@ def _gpt2_from_ours(cfg: Any, sd: StateDict) -> tuple[dict[str, Any], StateDict]
           "layer_norm_epsilon": cfg.norm_eps, "initializer_range": cfg.init_std,
           "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
           "tie_word_embeddings": cfg.tie_embeddings}
+    if cfg.vocab_size <= 50256:  # GPT-2's <|endoftext|> id does not exist in a smaller vocabulary
+        hf.update(bos_token_id=None, eos_token_id=None)
 
     def bias(key: str, n: int) -> torch.Tensor:
         # GPT-2 always has biases; a bias-free model exports exactly as zero biases.
@@ -276,6 +278,96 @@ def _llama_from_ours(cfg: Any, sd: StateDict) -> tuple[dict[str, Any], StateDict
 
 
 # ---------------------------------------------------------------------------------------------------
+# BERT  (BertModel)
+
+
+def bert_to_ours(hf: dict[str, Any], sd: StateDict) -> tuple[Any, StateDict]:
+    """BertModel (or BertFor* with a ``bert.`` prefix) config + state dict -> (BertConfig, state dict).
+
+    Pre-training heads (``cls.*``) are dropped; old ``LayerNorm.gamma/beta`` names are accepted.
+
+    Raises:
+        ConfigError: for activations other than exact ``gelu`` / ``gelu_new``, or non-absolute positions.
+    """
+    act = hf.get("hidden_act", "gelu")
+    if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+        raise ConfigError(f"BERT hidden_act '{act}' is not supported (ours is GELU)")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ConfigError(f"BERT position_embedding_type '{hf['position_embedding_type']}' is not supported")
+    src = {re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)): v
+           for k, v in _strip_prefix(sd, ("bert.",)).items()}
+    pooler = "pooler.dense.weight" in src
+    cfg = _build("bert", dict(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
+        max_seq_len=hf["max_position_embeddings"], n_token_types=hf.get("type_vocab_size", 2), pooler=pooler,
+        gelu="erf" if act == "gelu" else "tanh", norm_eps=hf.get("layer_norm_eps", 1e-12),
+        init_std=hf.get("initializer_range", 0.02)))
+    out = {"tok_emb.weight": _take(src, "embeddings.word_embeddings.weight"),
+           "pos_emb.weight": _take(src, "embeddings.position_embeddings.weight")}
+    if cfg.n_token_types:
+        out["type_emb.weight"] = _take(src, "embeddings.token_type_embeddings.weight")
+    pairs = [("emb_norm", "embeddings.LayerNorm")] + ([("pooler", "pooler.dense")] if pooler else [])
+    for i in range(cfg.n_layers):
+        b, h = f"blocks.{i}.", f"encoder.layer.{i}."
+        pairs += [(b + "attn.q_proj", h + "attention.self.query"), (b + "attn.k_proj", h + "attention.self.key"),
+                  (b + "attn.v_proj", h + "attention.self.value"), (b + "attn.o_proj", h + "attention.output.dense"),
+                  (b + "attn_norm", h + "attention.output.LayerNorm"), (b + "mlp.up", h + "intermediate.dense"),
+                  (b + "mlp.down", h + "output.dense"), (b + "mlp_norm", h + "output.LayerNorm")]
+    for ours, theirs in pairs:
+        out[f"{ours}.weight"] = _take(src, f"{theirs}.weight")
+        out[f"{ours}.bias"] = _take(src, f"{theirs}.bias")
+    return cfg, out
+
+
+# ---------------------------------------------------------------------------------------------------
+# T5  (T5ForConditionalGeneration)
+
+
+def t5_to_ours(hf: dict[str, Any], sd: StateDict) -> tuple[Any, StateDict]:
+    """T5ForConditionalGeneration config + state dict -> (T5Config, our state dict).
+
+    The relative attention bias lives in HF's block 0 of each stack; ours is one module per stack.
+    ``tie_word_embeddings`` (T5 v1.0: tied lm_head and the d_model^-0.5 output scaling) is ours
+    ``tie_embeddings``; v1.1 (``false``) keeps a separate ``lm_head.weight``.
+
+    Raises:
+        ConfigError: for a feed-forward other than ``relu`` or ``gated-gelu``.
+    """
+    ff = hf.get("feed_forward_proj", "relu")
+    if ff not in ("relu", "gated-gelu"):
+        raise ConfigError(f"T5 feed_forward_proj '{ff}' is not supported; use relu or gated-gelu")
+    tie = hf.get("tie_word_embeddings", True) is not False and hf.get("scale_decoder_outputs", True)
+    cfg = _build("t5", dict(
+        vocab_size=hf["vocab_size"], d_model=hf["d_model"], n_layers=hf["num_layers"],
+        n_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"], n_heads=hf["num_heads"],
+        d_head=hf["d_kv"], d_ff=hf["d_ff"], mlp=ff, pos="relative",
+        rel_buckets=hf.get("relative_attention_num_buckets", 32),
+        rel_max_distance=hf.get("relative_attention_max_distance", 128), tie_embeddings=bool(tie),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-6)))
+    mlp = (("mlp.up", "DenseReluDense.wi"), ("mlp.down", "DenseReluDense.wo")) if ff == "relu" else \
+        (("mlp.gate", "DenseReluDense.wi_0"), ("mlp.up", "DenseReluDense.wi_1"), ("mlp.down", "DenseReluDense.wo"))
+    attn = tuple((f"{o}_proj", n) for o, n in zip("qkvo", "qkvo"))
+    out = {"shared.weight": _take(sd, "shared.weight")}
+    for stack, n_layers in (("encoder", cfg.n_layers), ("decoder", cfg.n_decoder_layers)):
+        out[f"{stack}.rel_bias.emb.weight"] = _take(
+            sd, f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+        out[f"{stack}.final_norm.weight"] = _take(sd, f"{stack}.final_layer_norm.weight")
+        for i in range(n_layers):
+            b, h = f"{stack}.blocks.{i}.", f"{stack}.block.{i}.layer."
+            pairs = [("attn_norm", "0.layer_norm")] + [(f"attn.{o}", f"0.SelfAttention.{n}") for o, n in attn]
+            if stack == "decoder":
+                pairs += [("cross_norm", "1.layer_norm")] + [(f"cross_attn.{o}", f"1.EncDecAttention.{n}")
+                                                             for o, n in attn]
+            ff_i = 1 if stack == "encoder" else 2
+            pairs += [("mlp_norm", f"{ff_i}.layer_norm")] + [(o, f"{ff_i}.{n}") for o, n in mlp]
+            for ours, theirs in pairs:
+                out[f"{b}{ours}.weight"] = _take(sd, f"{h}{theirs}.weight")
+    out["lm_head.weight"] = out["shared.weight"] if cfg.tie_embeddings else _take(sd, "lm_head.weight")
+    return cfg, out
+
+
+# ---------------------------------------------------------------------------------------------------
 # ours -> HF (gpt family)
 
 _LLAMA_STYLE = {"norm": "rmsnorm", "mlp": "swiglu", "pos": "rope"}
@@ -392,6 +484,8 @@ def load_hf_checkpoint(path: str | Path, device: Any = None) -> tuple[str, Any, 
     if not cfg_path.is_file():
         raise CheckpointError(f"{d}: no config.json (not a Hugging Face checkpoint directory)")
     hf_config = json.loads(cfg_path.read_text())
+    if hf_config.get("model_type") not in _FROM_HF:  # fail before reading gigabytes of weights
+        hf_to_ours(hf_config, {})
     family, cfg, sd = hf_to_ours(hf_config, read_hf_state_dict(d))
     model = model_from_config(family, cfg, device="meta")
     try:

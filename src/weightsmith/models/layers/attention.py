@@ -56,16 +56,18 @@ class Attention(nn.Module):
 
     Args:
         causal: mask future positions (decoder) or not (encoder).
-        use_rope: rotate queries and keys with the cos/sin tables passed to :meth:`forward`.
+        d_head: per-head width; default ``d_model // n_heads`` (T5 allows ``n_heads * d_head != d_model``).
+        scale: multiplier of ``q k^T``; default ``1 / sqrt(d_head)`` (T5 uses 1.0, folding it into init).
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, *, bias: bool, dropout: float,
-                 causal: bool = True) -> None:
+                 causal: bool = True, d_head: int | None = None, scale: float | None = None) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.d_head = d_model // n_heads
+        self.d_head = d_head or d_model // n_heads
         self.causal = causal
         self.dropout = dropout
+        self.scale = scale
         self.q_proj = nn.Linear(d_model, n_heads * self.d_head, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.d_head, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.d_head, bias=bias)
@@ -80,7 +82,8 @@ class Attention(nn.Module):
         Args:
             rope: (cos, sin) for the T query positions, shape (T, d_head) or (B, T, d_head).
             attn_mask: optional boolean mask broadcastable to (B, n_heads, T, start + T); True = attend.
-                When given it replaces the causal mask (the caller folds causality and padding in).
+                When given it replaces the causal mask (the caller folds causality and padding in). A float
+                mask is added to the scores (T5's relative position bias, with -inf where masked).
         """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.d_head).transpose(1, 2)  # (B, H, T, d_head)
@@ -101,7 +104,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
+            enable_gqa=self.n_kv_heads != self.n_heads, scale=self.scale,
         )  # (B, H, T, d_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.d_head)
         return self.resid_dropout(self.o_proj(y))

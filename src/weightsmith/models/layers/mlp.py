@@ -17,15 +17,18 @@ from torch import nn
 class GeluMLP(nn.Module):
     """(B, T, d_model) -> (B, T, d_model) through a hidden width d_ff."""
 
-    def __init__(self, d_model: int, d_ff: int, bias: bool, dropout: float = 0.0) -> None:
+    def __init__(self, d_model: int, d_ff: int, bias: bool, dropout: float = 0.0,
+                 approximate: str = "tanh") -> None:
         super().__init__()
         self.up = nn.Linear(d_model, d_ff, bias=bias)
         self.down = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
+        self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # tanh approximation: the form GPT-2 was trained with ("gelu_new" in HF).
-        return self.dropout(self.down(F.gelu(self.up(x), approximate="tanh")))
+        # tanh approximation by default: the form GPT-2 was trained with ("gelu_new" in HF); BERT passes
+        # approximate="none" for the exact erf GELU.
+        return self.dropout(self.down(F.gelu(self.up(x), approximate=self.approximate)))
 
 
 class SwiGLU(nn.Module):

@@ -1,0 +1,229 @@
+"""``weightsmith inspect``: parameters, FLOPs and memory of a preset, recipe or run, per module.
+
+:func:`inspect_model` resolves the model, builds it on the meta device (no memory), checks the analytic
+parameter count against ``sum(p.numel())`` and returns a plain dict; :func:`format_report` renders it
+as text. Shape legend: B batch, T sequence, D = d_model, V = vocab_size.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from weightsmith.analysis.components import Row, rows_for
+from weightsmith.analysis.flops import forward_flops, row_flops
+from weightsmith.analysis.memory import dtype_bytes, memory_estimate, row_activation_elements
+from weightsmith.analysis.params import param_counts
+from weightsmith.errors import ConfigError
+
+CONVENTIONS = {
+    "flops": "2 FLOPs per multiply-add; matmuls only (linear layers, lm_head, Q K^T and P V); attention "
+             "dense over the full context (no causal halving), as FlopCounterMode counts it",
+    "training": "training FLOPs = 3 x forward (backward = 2 x forward)",
+    "per_token": "per token of the main stream; T5: per target token with a source of the same length",
+    "six_n": "6N = 6 x active non-embedding parameters (Kaplan et al. 2020), beside the exact count",
+    "memory": "bytes, every tensor at --dtype; optimizer states per parameter: adamw 2, sgd 0, sgd-momentum 1; "
+              "train peak = weights + grads + optimizer + activations + backward transient",
+}
+
+
+def _model_section(model: str) -> tuple[str, dict[str, Any]]:
+    """``model`` (preset or family name, recipe TOML, or run directory) -> (name, [model] fields)."""
+    from weightsmith.config import load_toml
+
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.toml").is_file():
+            raise ConfigError(f"{path} is a directory without config.toml (not a run directory)")
+        path = path / "config.toml"
+    if path.suffix == ".toml" or path.is_file():
+        tree = load_toml(path)
+        if "model" not in tree:
+            raise ConfigError(f"{path}: no [model] section")
+        fields = dict(tree["model"])
+        if "vocab_size" not in fields and "preset" not in fields:
+            # the tokenizer decides; use the recipe's data.vocab_size, else a byte-level 256
+            fields["vocab_size"] = tree.get("data", {}).get("vocab_size", 256)
+        return str(path), fields
+    return model, {"preset": model}
+
+
+def resolve_model(model: str, overrides: list[str] | dict[str, Any] | None = None) -> tuple[str, str, Any]:
+    """(display name, family, config) for a preset/family name, recipe TOML or run directory.
+
+    ``overrides`` are ``--model.key=value`` strings or a dict of model fields.
+
+    Raises:
+        ConfigError: unknown model (with close matches), unknown field, impossible shape, or an override
+            outside ``--model.``.
+    """
+    from weightsmith.config import apply_overrides
+    from weightsmith.registry import resolve
+
+    name, fields = _model_section(model)
+    if isinstance(overrides, dict):
+        extra = dict(overrides)
+    else:
+        tree = apply_overrides({}, list(overrides or []))
+        other = [k for k in tree if k != "model"]
+        if other:
+            raise ConfigError(f"inspect takes --model.* overrides only, got --{other[0]}.*")
+        extra = tree.get("model", {})
+    family = fields.pop("family", None)
+    preset = fields.pop("preset", None)
+    fam, cfg = resolve(preset or family or "gpt", {**fields, **extra})  # unknown names list close matches
+    if family is not None and fam.name != family:
+        raise ConfigError(f"model.family='{family}' but preset '{preset}' is of family '{fam.name}'")
+    return name, fam.name, cfg
+
+
+def _summarize_weights(rows: list[Row]) -> dict[str, Any]:
+    """{pattern: shape} with expert indices folded: ``experts.*.gate.weight`` -> shape and a count."""
+    out: dict[str, Any] = {}
+    for row in rows:
+        for name, shape in row.weights:
+            key = re.sub(r"\.experts\.\d+\.", ".experts.*.", name)
+            entry = out.setdefault(key, {"shape": list(shape), "count": 0})
+            entry["count"] += 1
+    return out
+
+
+def module_table(rows: list[Row], batch_size: int, seq_len: int, nbytes: int) -> list[dict[str, Any]]:
+    """One entry per distinct module; identical layers are folded into ``blocks.*`` with a ``count``.
+
+    Each entry: ``path, kind, weights {name: {shape, count}}, params, flops_fwd_per_token,
+    activation_bytes`` (at (B, T), for one instance) and ``count`` (instances), plus ``notes``.
+    """
+    table: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        mm, att = row_flops(row, seq_len)
+        entry = {
+            "path": re.sub(r"blocks\.\d+", "blocks.*", row.path), "kind": row.kind,
+            "weights": {k.removeprefix(row.path + "."): v for k, v in _summarize_weights([row]).items()},
+            "params": row.params, "flops_fwd_per_token": (mm + att) / seq_len,
+            "activation_bytes": row_activation_elements(row, batch_size, seq_len) * nbytes,
+            "count": 1, "notes": row.notes,
+        }
+        same = table.get(entry["path"])
+        if same is not None and all(same[k] == entry[k] for k in ("weights", "flops_fwd_per_token",
+                                                                    "activation_bytes", "notes")):
+            same["count"] += 1
+        else:  # first of its kind, or a layer that differs from the others (keeps its own path)
+            key = entry["path"] if same is None else row.path
+            table[key] = {**entry, "path": key}
+    return list(table.values())
+
+
+def inspect_model(model: str, *, batch_size: int = 1, seq_len: int | None = None, dtype: str = "float32",
+                  optimizer: str = "adamw", overrides: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything about a model's size and cost at (batch_size, seq_len), as a JSON-ready dict.
+
+    Args:
+        model: preset or family name (``gpt2``), recipe TOML path, or run directory with ``config.toml``.
+        seq_len: context T; default the config's ``max_seq_len``.
+        dtype: element type for every byte count (``float32``, ``bf16``...).
+        optimizer: ``adamw`` (2 states per parameter), ``sgd`` (0) or ``sgd-momentum`` (1).
+        overrides: ``--model.key=value`` strings or a dict of model fields.
+
+    Returns:
+        A dict with ``params_*`` (elements), ``flops_*`` (FLOPs, 2 per multiply-add, per token unless
+        ``_per_step``), ``*_bytes`` (bytes), ``modules`` (see :func:`module_table`) and ``conventions``.
+
+    Raises:
+        ConfigError: unknown model or field, impossible shape, non-positive B or T, T beyond learned
+            positions, unknown dtype or optimizer.
+    """
+    from weightsmith.config import to_dict
+    from weightsmith.registry import model_from_config
+
+    name, family, cfg = resolve_model(model, overrides)
+    T = cfg.max_seq_len if seq_len is None else seq_len
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    if T <= 0:
+        raise ConfigError(f"seq_len must be positive, got {T}")
+    if getattr(cfg, "pos", None) == "learned" and T > cfg.max_seq_len:
+        raise ConfigError(f"seq_len={T} exceeds model.max_seq_len={cfg.max_seq_len} (learned positions)")
+    rows = rows_for(family, cfg)
+    counts = param_counts(family, cfg, rows)
+    built = sum(p.numel() for p in model_from_config(family, cfg, device="meta").parameters())
+    if built != counts["total"]:  # the analytic model must describe the code exactly
+        raise RuntimeError(f"analytic parameter count {counts['total']} != built model's {built} for {name}")
+    nb = dtype_bytes(dtype)
+    fwd = forward_flops(family, cfg, T, rows=rows)
+    mem = memory_estimate(family, cfg, batch_size=batch_size, seq_len=T, dtype=dtype, optimizer=optimizer, rows=rows)
+    six_n = 6.0 * (counts["active"] - counts["embedding"])
+    return {
+        "model": name, "family": family, "config": to_dict(cfg), "batch_size": batch_size, "seq_len": T,
+        "dtype": dtype, "optimizer": optimizer, "conventions": CONVENTIONS,
+        "params_total": counts["total"], "params_embedding": counts["embedding"],
+        "params_non_embedding": counts["non_embedding"], "params_trainable": counts["trainable"],
+        "params_active": counts["active"],
+        "flops_fwd_per_token": fwd["total"], "flops_fwd_matmul_per_token": fwd["matmul"],
+        "flops_fwd_attention_per_token": fwd["attention"], "flops_train_per_token": 3.0 * fwd["total"],
+        "flops_train_per_step": 3.0 * fwd["total"] * batch_size * T, "flops_6n_per_token": six_n,
+        "kv_cache_bytes_per_token": mem["kv_cache_per_token"],
+        "kv_cache_bytes_per_src_token": mem["kv_cache_per_src_token"], "kv_cache_bytes": mem["kv_cache"],
+        "checkpoint_bytes": mem["weights"], "memory_weights_bytes": mem["weights"],
+        "memory_grads_bytes": mem["grads"], "memory_optimizer_bytes": mem["optimizer"],
+        "memory_activations_bytes": mem["activations"],
+        "memory_activations_checkpointed_bytes": mem["activations_checkpointed"],
+        "memory_backward_transient_bytes": mem["backward_transient"],
+        "memory_train_bytes": mem["train_peak"], "memory_train_checkpointed_bytes": mem["train_peak_checkpointed"],
+        "memory_infer_bytes": mem["infer_peak"],
+        "modules": module_table(rows, batch_size, T, nb),
+    }
+
+
+def human(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23M'; with unit 'B' bytes use powers of 1024 ('1.18 MiB')."""
+    if unit == "B":
+        for suffix in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if abs(n) < 1024 or suffix == "TiB":
+                return f"{n:.0f} B" if suffix == "B" else f"{n:.2f} {suffix}"
+            n /= 1024
+    for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return f"{n:.0f}"
+
+
+def _shapes(weights: dict[str, Any]) -> str:
+    parts = []
+    for short, w in weights.items():
+        dims = "x".join(map(str, w["shape"]))
+        parts.append(f"{short} {dims}" + (f" (x{w['count']})" if w["count"] > 1 else ""))
+    return ", ".join(parts) or "-"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The :func:`inspect_model` dict as a text report with the per-module table."""
+    r = report
+    B, T = r["batch_size"], r["seq_len"]
+    lines = [
+        f"{r['model']} (family {r['family']}) at B={B}, T={T}, dtype={r['dtype']}, optimizer={r['optimizer']}",
+        "",
+        f"parameters   total {r['params_total']:,}  embedding {r['params_embedding']:,}  "
+        f"non-embedding {r['params_non_embedding']:,}  active/token {r['params_active']:,}",
+        f"FLOPs/token  forward {human(r['flops_fwd_per_token'])} = matmul {human(r['flops_fwd_matmul_per_token'])}"
+        f" + attention(T) {human(r['flops_fwd_attention_per_token'])};  train (3x) "
+        f"{human(r['flops_train_per_token'])};  6N {human(r['flops_6n_per_token'])};  per step "
+        f"{human(r['flops_train_per_step'])}",
+        f"memory       weights {human(r['memory_weights_bytes'], 'B')}  grads {human(r['memory_grads_bytes'], 'B')}"
+        f"  optimizer {human(r['memory_optimizer_bytes'], 'B')}  activations "
+        f"{human(r['memory_activations_bytes'], 'B')} (checkpointed "
+        f"{human(r['memory_activations_checkpointed_bytes'], 'B')})",
+        f"             train peak {human(r['memory_train_bytes'], 'B')} (checkpointed "
+        f"{human(r['memory_train_checkpointed_bytes'], 'B')});  inference peak "
+        f"{human(r['memory_infer_bytes'], 'B')};  KV cache {human(r['kv_cache_bytes_per_token'], 'B')}/token, "
+        f"{human(r['kv_cache_bytes'], 'B')} at B x T",
+        "",
+    ]
+    head = f"{'module':34s} {'count':>5s} {'params':>12s} {'fwd FLOPs/tok':>14s} {'act @B,T':>11s}  weights"
+    lines += [head, "-" * len(head)]
+    for m in r["modules"]:
+        lines.append(f"{m['path']:34s} {m['count']:>5d} {m['params']:>12,d} {human(m['flops_fwd_per_token']):>14s} "
+                     f"{human(m['activation_bytes'], 'B'):>11s}  {_shapes(m['weights'])}")
+    lines += ["", "conventions: " + "; ".join(r["conventions"].values())]
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""ONNX export: one graph, ``input_ids`` (B, T) int64 -> ``logits`` (B, T, V) float32.
+
+Made with ``torch.onnx.export(..., dynamo=True)`` (``torch.export`` then onnxscript's translation; see
+the PyTorch "torch.onnx" docs). B and T are dynamic (T up to ``max_seq_len`` for learned positions).
+The graph is the full-sequence forward with no KV cache, run by any ONNX runtime (onnxruntime's
+``InferenceSession`` in the tests). The exported file is self-contained (weights inside, no external
+data) for the model sizes weightsmith trains on one machine. ``tokenizer.json`` (a Hugging Face
+``tokenizers`` file, see ``export_hf.hf_tokenizer``) is written beside it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from weightsmith.models.layers.rope import rope_cos_sin
+
+ONNX_FILE = "model.onnx"
+
+
+class _LogitsGraph(nn.Module):
+    """Traceable forward of a ``gpt`` model: input_ids (B, T) -> logits (B, T, V).
+
+    The eager model checks ``int(pos.max()) < max_seq_len``, a data-dependent branch that
+    ``torch.export`` cannot trace; here positions are ``arange(T)`` and the dynamic-shape bound on T
+    enforces the same limit.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+        x = m.tok_emb(input_ids)  # (B, T, D)
+        rope = None
+        if m.pos_emb is not None:
+            x = x + m.pos_emb(pos)
+        else:
+            rope = rope_cos_sin(pos, m.inv_freq)  # (T, d_head) each
+        for block in m.blocks:
+            x = block(x, rope)
+        return m.lm_head(m.final_norm(x))  # (B, T, V)
+
+
+def export_onnx(model: nn.Module, tokenizer: Any, out_dir: Path, dtype: str = "f32") -> Path:
+    """Write ``out_dir/model.onnx`` (opset chosen by torch) and ``out_dir/tokenizer.json``.
+
+    Args:
+        model: a ``gpt``-family model in eval mode; exported in float32 on CPU.
+        dtype: only ``"f32"``.
+
+    Raises:
+        ValueError: for any other dtype (the CLI rejects it earlier with a one-line error).
+    """
+    from weightsmith.ship.export_hf import hf_tokenizer
+
+    if dtype != "f32":
+        raise ValueError(f"ONNX export supports f32 only, got {dtype}")
+    cfg = model.config
+    graph = _LogitsGraph(model.float().cpu().eval())
+    example = torch.zeros(2, min(8, cfg.max_seq_len), dtype=torch.long)
+    batch = torch.export.Dim("batch", min=1)
+    seq = torch.export.Dim("seq", min=1, max=cfg.max_seq_len) if cfg.pos == "learned" else \
+        torch.export.Dim("seq", min=1)
+    path = Path(out_dir) / ONNX_FILE
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, (example,), str(path), input_names=["input_ids"], output_names=["logits"],
+                          dynamic_shapes={"input_ids": {0: batch, 1: seq}}, dynamo=True,
+                          external_data=False, verbose=False)
+    hf_tokenizer(tokenizer).save(str(Path(out_dir) / "tokenizer.json"))
+    return path

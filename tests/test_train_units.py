@@ -92,3 +92,26 @@ def test_keep_last_checkpoints(tmp_path):
     for s in range(1, 5):
         save_checkpoint(tmp_path, s, model, None, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000003", "step_000004"]
+
+
+def test_moe_recipe_trains_with_load_balancing_loss(tmp_path, tiny_corpus, cache_dir):
+    from safetensors.torch import load_file
+
+    from weightsmith.recipe import recipe_from_tree
+    from weightsmith.train.loop import run_training
+
+    def run(coef, name):
+        tree = {"data": {"corpus": str(tiny_corpus), "tokenizer": "char"},
+                "model": {"family": "gpt", "d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 24,
+                          "n_experts": 4, "n_experts_per_token": 2, "max_seq_len": 16},
+                "train": {"batch_size": 2, "max_steps": 4, "warmup_steps": 1, "eval_tokens": 64,
+                          "aux_loss_coef": coef},
+                "sample": {"max_new_tokens": 2}}
+        out = run_training(recipe_from_tree(tree), tmp_path / name, log=lambda *a: None)
+        return load_file(next((out / "checkpoints").glob("step_*")) / "model.safetensors")
+
+    with_aux, without = run(1.0, "aux"), run(0.0, "noaux")
+    router = [k for k in with_aux if "router" in k]
+    assert router, "MoE router weights missing"
+    # the auxiliary loss only reaches the router through its gradient: changing its weight changes the router
+    assert not torch.equal(with_aux[router[0]], without[router[0]])

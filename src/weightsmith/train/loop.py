@@ -43,7 +43,9 @@ from weightsmith.train.optim import build_adamw, lr_at
 @dataclass(kw_only=True)
 class TrainConfig:
     """``[train]`` section. Batch sizes are in sequences; ``max_time`` and eval/log cadence in
-    seconds and optimizer steps. ``seq_len`` defaults to ``model.max_seq_len``; ``min_lr`` to lr / 10."""
+    seconds and optimizer steps. ``seq_len`` defaults to ``model.max_seq_len``; ``min_lr`` to lr / 10.
+    ``aux_loss_coef`` scales the auxiliary losses that modules leave in ``.aux_loss`` (MoE load balancing,
+    Fedus et al. 2021) before they are added to the language-model loss; the logged loss excludes them."""
 
     seed: int = 1337
     device: str = "cpu"
@@ -64,6 +66,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    aux_loss_coef: float = 0.01
     log_every: int = 10
     eval_every: int = 250
     eval_tokens: int = 32768
@@ -268,6 +271,8 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
         f"{tc.batch_size * tc.grad_accum} x {seq_len} tokens per step, device {device}"
         f"{' bf16' if use_bf16 else ' fp32'}")
     step_fn = torch.compile(model) if tc.compile else model
+    # modules that leave an auxiliary loss after each forward (MoE load balancing); none for dense models
+    aux_modules = [m for m in model.modules() if hasattr(m, "aux_loss")]
 
     def checkpoint() -> None:
         state = {"optimizer": optimizer.state_dict(), "data_generator": batches.generator.get_state(),
@@ -300,7 +305,10 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
                                 enabled=autocast_dtype is not None):
                 logits = step_fn(x)
                 loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-            (loss / tc.grad_accum).backward()
+                total = loss
+                if aux_modules and tc.aux_loss_coef:
+                    total = loss + tc.aux_loss_coef * sum(m.aux_loss for m in aux_modules)
+            (total / tc.grad_accum).backward()
             loss_sum += loss.item()
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)

@@ -99,6 +99,13 @@ def from_dict(cls: type, data: dict[str, Any], section: str) -> Any:
         raise ConfigError(f"[{section}]: {e}") from None
 
 
+def require_positive(obj: Any, names: tuple[str, ...], section: str = "model") -> None:
+    """Raise ConfigError naming ``section.name`` for the first of ``names`` that is not > 0."""
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ConfigError(f"{section}.{name} must be positive, got {getattr(obj, name)}")
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     """A dataclass as a plain dict, dropping ``None`` (TOML has no null) and derived fields."""
     out = {}

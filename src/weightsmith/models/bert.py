@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from weightsmith.config import require_positive
 from weightsmith.errors import ConfigError
 from weightsmith.models.layers.attention import Attention
 from weightsmith.models.layers.mlp import GeluMLP
@@ -53,9 +54,7 @@ class BertConfig:
     d_head: int = field(init=False)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"))
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
         if self.n_token_types < 0:

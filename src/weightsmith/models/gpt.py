@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from weightsmith.config import require_positive
 from weightsmith.errors import ConfigError
 from weightsmith.models.layers.attention import Attention, KVCache
 from weightsmith.models.layers.mlp import make_mlp
@@ -66,9 +67,7 @@ class GPTConfig:
     d_head: int = field(init=False)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"))
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.d_model % self.n_heads:

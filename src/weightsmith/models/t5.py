@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from weightsmith.config import require_positive
 from weightsmith.errors import ConfigError
 from weightsmith.models.layers.attention import Attention
 from weightsmith.models.layers.cross_attention import CrossAttention
@@ -64,9 +65,7 @@ class T5Config:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"))
         if self.n_decoder_layers is None:
             self.n_decoder_layers = self.n_layers
         if self.d_head is None:

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from weightsmith.errors import CheckpointError, ConfigError, DataError, WeightsmithError
+from weightsmith.train.checkpoint import fsync_path
 
 FORMATS: dict[str, tuple[str, ...]] = {
     "hf": ("f32", "f16", "bf16"),
@@ -51,14 +52,6 @@ def check_export_args(fmt: str, dtype: str) -> None:
                                f"{fmt} supports {', '.join(FORMATS[fmt])}")
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def atomic_output_dir(out: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``out``; on success fsync it and rename it to ``out``.
@@ -77,13 +70,13 @@ def atomic_output_dir(out: str | Path) -> Iterator[Path]:
         yield tmp
         for f in sorted(tmp.rglob("*")):
             f.chmod(0o755 if f.is_dir() else 0o644)  # writers differ (safetensors uses 0600)
-            _fsync_path(f)
+            fsync_path(f)
         tmp.chmod(0o755)  # mkdtemp makes 0700
-        _fsync_path(tmp)
+        fsync_path(tmp)
         if out.exists():  # someone else created it while we were writing
             raise CheckpointError(f"--out {out} appeared while exporting; not overwriting it")
         os.rename(tmp, out)
-        _fsync_path(out.parent)
+        fsync_path(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -41,7 +41,8 @@ STATE = "train_state.pt"
 META = "meta.json"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a directory (or file) by path, so a rename inside it is durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -82,11 +83,11 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
             _fsync_file(tmp / name)
         meta = {"step": step, "files": {n: sha256_file(tmp / n) for n in files}}
         atomic_write_text(tmp / META, json.dumps(meta, indent=2))
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

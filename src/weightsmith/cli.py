@@ -3,9 +3,10 @@
     weightsmith prepare RECIPE [--force] [overrides]
     weightsmith train RECIPE [--out DIR] [--resume] [--print-config] [--section.key=value ...]
     weightsmith eval RUN_DIR
-    weightsmith generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]
-                                 [--top-p P] [--seed S]
+    weightsmith generate RUN_DIR --prompt TEXT | --prompts-file FILE [--draft RUN_DIR [--num-draft-tokens K]]
+                                 [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
     weightsmith export RUN_DIR --format hf|gguf|onnx --out DIR [--dtype f32|f16|bf16|q8_0|q4_0]
+    weightsmith quantize RUN_DIR --method int8|int4|gptq-int4 [--group-size 64] --out DIR
     weightsmith models [PATTERN]
     weightsmith inspect MODEL [--batch-size B] [--seq-len T] [--dtype D] [--optimizer adamw|sgd] [--json]
                               [--model.key=value ...]
@@ -63,16 +64,38 @@ def _cmd_eval(args, overrides) -> int:
 
 
 def _cmd_generate(args, overrides) -> int:
+    from pathlib import Path
+
     from weightsmith.ship.generate import generate_text
     from weightsmith.train.checkpoint import load_run
 
     run = load_run(args.run_dir)
+    sampling = (args.temperature, args.top_k, args.top_p, args.seed)
     try:
-        text = generate_text(run.model, run.tokenizer, args.prompt, args.max_new_tokens, args.temperature,
-                             args.top_k, args.top_p, args.seed)
+        if args.prompts_file:
+            from weightsmith.ship.batch import generate_texts
+
+            prompts = [ln for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
+            if not prompts:
+                raise WeightsmithError(f"--prompts-file {args.prompts_file} has no prompts (one per line)")
+            texts = generate_texts(run.model, run.tokenizer, prompts, args.max_new_tokens, *sampling)
+            print("\n\n".join(f"=== {i} ===\n{t}" for i, t in enumerate(texts)))
+        elif args.draft:
+            from weightsmith.ship.speculative import speculative_text
+
+            draft = load_run(args.draft)
+            if draft.tokenizer.to_json() != run.tokenizer.to_json():
+                raise WeightsmithError(f"--draft {args.draft} has a different tokenizer from {args.run_dir}")
+            text, stats = speculative_text(run.model, draft.model, run.tokenizer, args.prompt, args.max_new_tokens,
+                                           args.num_draft_tokens, *sampling)
+            print(text)
+            print(f"speculative: acceptance rate {stats['acceptance_rate']:.2f}, "
+                  f"{stats['tokens_per_round']:.2f} tokens per target forward, speedup {stats['speedup']:.2f}x")
+            print(json.dumps(stats))
+        else:
+            print(generate_text(run.model, run.tokenizer, args.prompt, args.max_new_tokens, *sampling))
     except ValueError as e:
         raise WeightsmithError(str(e)) from None
-    print(text)
     return 0
 
 
@@ -81,6 +104,14 @@ def _cmd_export(args, overrides) -> int:
 
     out = export_run(args.run_dir, args.format, args.out, args.dtype)
     print(f"exported {args.run_dir} as {args.format} ({args.dtype}) to {out}")
+    return 0
+
+
+def _cmd_quantize(args, overrides) -> int:
+    from weightsmith.ship.quantize import quantize_run
+
+    result = quantize_run(args.run_dir, args.method, args.out, args.group_size)
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -129,7 +160,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
 
     p = sub.add_parser("generate", help="sample text from a run with a KV cache")
     p.add_argument("run_dir")
-    p.add_argument("--prompt", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--prompts-file", help="one prompt per line, generated as one left-padded batch")
+    p.add_argument("--draft", help="draft run directory for speculative decoding (same tokenizer)")
+    p.add_argument("--num-draft-tokens", type=int, default=4, help="tokens the draft proposes per round")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -143,6 +178,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     p.add_argument("--out", required=True, help="new output directory; never overwritten")
     p.add_argument("--dtype", default="f32", help="f32, f16, bf16 (hf), q8_0, q4_0 (gguf); default f32")
     handlers["export"] = _cmd_export
+
+    p = sub.add_parser("quantize", help="weight-only int8 / int4 / GPTQ-int4 quantization into a new run directory")
+    p.add_argument("run_dir")
+    p.add_argument("--method", required=True, choices=["int8", "int4", "gptq-int4"])
+    p.add_argument("--group-size", type=int, default=64, help="input columns per scale for int4 (default 64)")
+    p.add_argument("--out", required=True, help="new run directory; never overwritten")
+    handlers["quantize"] = _cmd_quantize
 
     p = sub.add_parser("models", help="list registered families and presets")
     p.add_argument("pattern", nargs="?", default="*")

@@ -21,7 +21,7 @@ from weightsmith.config import apply_overrides, from_dict, load_toml, to_dict
 from weightsmith.data.prepare import DataConfig
 from weightsmith.errors import ConfigError
 
-SECTIONS = ("data", "model", "train", "sample")
+SECTIONS = ("data", "model", "train", "sample", "quantization")  # quantization: set by `weightsmith quantize`
 
 
 @dataclass

@@ -109,6 +109,10 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, dtype: str = "f32
     if family != "gpt":
         raise ConfigError(f"model.family={family!r} cannot be exported yet; only 'gpt' can")
     run = load_run(run_dir)
+    if "quantization" in run.config:  # exporters take float weights: dequantize (the rounding error stays)
+        from weightsmith.ship.quantize import dequantize_model
+
+        dequantize_model(run.model)
     exporter = _exporter(fmt)
     with atomic_output_dir(out) as tmp:
         exporter(run.model, run.tokenizer, tmp, dtype)

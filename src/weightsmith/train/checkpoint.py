@@ -177,6 +177,9 @@ class LoadedRun:
 def load_run(run_dir: str | Path, device: str = "cpu", checkpoint: Path | None = None) -> LoadedRun:
     """Open ``run_dir``: config, tokenizer, and the newest checkpoint's weights.
 
+    A ``[quantization]`` section in config.toml (written by ``weightsmith quantize``) makes the model a
+    quantized one (weightsmith.ship.quantize.apply_quantization) before the weights are loaded.
+
     Raises:
         CheckpointError: if the directory is not a run, has no checkpoint, or the checkpoint is corrupt.
     """
@@ -197,6 +200,11 @@ def load_run(run_dir: str | Path, device: str = "cpu", checkpoint: Path | None =
             raise CheckpointError(f"{run_dir} has no checkpoint in {run_dir / CKPT_DIR}")
         checkpoint = ckpts[-1]
     model = model_from_config(family, cfg, device=device)
+    if "quantization" in tree:  # a quantized run: same model, quantized layers swapped in before loading
+        from weightsmith.ship.quantize import apply_quantization
+
+        q = tree["quantization"]
+        apply_quantization(model, q["method"], q.get("group_size") or 64)
     load_weights(model, checkpoint)
     model.eval()
     return LoadedRun(run_dir, tree, model, load_tokenizer(run_dir), checkpoint)

@@ -1,6 +1,6 @@
 """Benchmark the main job against nanoGPT's CPU "baby" configuration, side by side in one run.
 
-    python bench/main_job.py [--out bench/results/main_job.json] [--recipes recipes/shakespeare.toml ...]
+    python bench/main_job.py [--out bench/results/main_job.json] [--recipes recipes/shakespeare.toml ...] [--keep runs]
 
 For each recipe it runs ``weightsmith train`` in a fresh process (data preparation included, from a
 cold data cache unless --warm-cache), measures the wall-clock time of the whole command, and collects
@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="+",
                     default=[str(ROOT / "recipes/shakespeare.toml"), str(ROOT / "recipes/baby-char.toml")])
     ap.add_argument("--warm-cache", action="store_true", help="reuse $WEIGHTSMITH_CACHE instead of a cold cache")
+    ap.add_argument("--keep", help="move the run directories here (as DIR/<recipe stem>) instead of deleting them")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ws-bench-"))
     cache = Path(os.environ.get("WEIGHTSMITH_CACHE", work / "cache")) if args.warm_cache else work / "cache"
@@ -69,6 +70,10 @@ def main() -> None:
                      f"| {x['tok_per_s']:,.0f} | {x['mfu']:.1%} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.keep:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+        for r in args.recipes:
+            shutil.move(str(work / Path(r).stem), str(Path(args.keep) / Path(r).stem))
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -235,7 +235,7 @@ def test_rope_permutation_turns_half_split_into_interleaved():
     ours = apply_rope(heads(x @ wq.T), cos, sin) @ apply_rope(heads(x @ wk.T), cos, sin).transpose(-1, -2)
 
     def interleaved(y):  # rotate adjacent pairs (2i, 2i+1) by pos * inv[i]
-        c, s = cos[:, :d_head // 2], sin[:, :d_head // 2]  # (T, d_head/2): angle pos * theta_i
+        c, s = cos[:, :d_head // 2], sin[:, d_head // 2:]  # (T, d_head/2): angle pos * theta_i (sin: 2nd half is +)
         a, b = y[..., 0::2], y[..., 1::2]
         return torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2)
 

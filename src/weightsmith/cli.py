@@ -66,10 +66,12 @@ def _cmd_eval(args, overrides) -> int:
 def _cmd_generate(args, overrides) -> int:
     from pathlib import Path
 
+    from weightsmith.ship.fuse import fuse_projections
     from weightsmith.ship.generate import generate_text
     from weightsmith.train.checkpoint import load_run
 
     run = load_run(args.run_dir)
+    fuse_projections(run.model)  # inference only: q/k/v and gate/up as one matmul each (same outputs)
     sampling = (args.temperature, args.top_k, args.top_p, args.seed)
     try:
         if args.prompts_file:
@@ -84,6 +86,7 @@ def _cmd_generate(args, overrides) -> int:
             from weightsmith.ship.speculative import speculative_text
 
             draft = load_run(args.draft)
+            fuse_projections(draft.model)
             if draft.tokenizer.to_json() != run.tokenizer.to_json():
                 raise WeightsmithError(f"--draft {args.draft} has a different tokenizer from {args.run_dir}")
             text, stats = speculative_text(run.model, draft.model, run.tokenizer, args.prompt, args.max_new_tokens,

@@ -132,9 +132,11 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        if cfg.pos == "rope":
-            self.register_buffer("inv_freq", rope_frequencies(cfg.d_head, cfg.rope_theta),
-                                 persistent=False)
+        if cfg.pos == "rope":  # derived, not saved: inverse frequencies and cos/sin for 0..max_seq_len-1
+            dev = self.tok_emb.weight.device
+            self.register_buffer("inv_freq", torch.empty(cfg.d_head // 2, device=dev), persistent=False)
+            self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.d_head, device=dev), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.d_head, device=dev), persistent=False)
         else:
             self.inv_freq = None
         if self.tok_emb.weight.device.type != "meta":
@@ -155,8 +157,19 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, resid_std)
             else:
                 nn.init.normal_(p, 0.0, std)
-        if self.inv_freq is not None:
-            self.inv_freq.copy_(rope_frequencies(self.config.d_head, self.config.rope_theta))
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent RoPE buffers: ``inv_freq`` (d_head/2,) and the cos/sin tables
+        (max_seq_len, d_head) that the forward pass slices instead of recomputing them every call
+        (a decode step is dominated by per-op overhead on CPU). Call after materializing from meta."""
+        if self.inv_freq is None:
+            return
+        cfg = self.config
+        dev = self.tok_emb.weight.device
+        self.inv_freq = rope_frequencies(cfg.d_head, cfg.rope_theta).to(dev)
+        self.rope_cos, self.rope_sin = rope_cos_sin(torch.arange(cfg.max_seq_len, device=dev), self.inv_freq)
 
     def new_cache(self, batch_size: int, max_len: int | None = None,
                   dtype: torch.dtype | None = None) -> list[KVCache]:
@@ -188,17 +201,25 @@ class GPT(nn.Module):
             ValueError: if a position reaches ``max_seq_len`` with learned positions.
         """
         B, T = idx.shape
-        if pos is None:
-            pos = torch.arange(start, start + T, device=idx.device)
+        max_len = self.config.max_seq_len
         x = self.tok_emb(idx)  # (B, T, D)
         rope = None
         if self.pos_emb is not None:
-            if pos.device.type != "meta" and int(pos.max()) >= self.config.max_seq_len:  # meta: shapes only
-                raise ValueError(f"position {int(pos.max())} >= max_seq_len={self.config.max_seq_len}")
+            if pos is None:
+                if start + T > max_len:
+                    raise ValueError(f"position {start + T - 1} >= max_seq_len={max_len}")
+                pos = torch.arange(start, start + T, device=idx.device)
+            elif pos.device.type != "meta" and int(pos.max()) >= max_len:  # meta: shapes only
+                raise ValueError(f"position {int(pos.max())} >= max_seq_len={max_len}")
             x = x + self.pos_emb(pos)
-        else:
+        elif pos is None and start + T <= max_len:  # the common case: slice the precomputed tables
+            rope = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, d_head) each
+        else:  # per-sequence positions, or past max_seq_len (RoPE extrapolates)
+            if pos is None:
+                pos = torch.arange(start, start + T, device=idx.device)
             rope = rope_cos_sin(pos, self.inv_freq)  # (T, d_head) or (B, T, d_head)
-        x = self.drop(x)
+        if self.drop.p:
+            x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cache=None if cache is None else cache[i], start=start, attn_mask=attn_mask)
         if last_only:

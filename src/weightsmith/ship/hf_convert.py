@@ -501,9 +501,6 @@ def load_hf_checkpoint(path: str | Path, device: Any = None) -> tuple[str, Any, 
 
 
 def _rebuild_buffers(model: torch.nn.Module) -> None:
-    """Non-persistent buffers (RoPE frequencies) are not in the checkpoint; recompute them."""
-    from weightsmith.models.layers.rope import rope_frequencies
-
-    cfg = getattr(model, "config", None)
-    if getattr(model, "inv_freq", None) is not None and cfg is not None:
-        model.inv_freq = rope_frequencies(cfg.d_head, cfg.rope_theta)
+    """Non-persistent buffers (RoPE frequencies and tables) are not in the checkpoint; recompute them."""
+    if hasattr(model, "reset_buffers"):
+        model.reset_buffers()

@@ -46,9 +46,9 @@ class KVCache(nn.Module):
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        self.k.narrow(2, start, k.shape[2]).copy_(k)  # narrow: one view op where [:, :, a:b] takes three
+        self.v.narrow(2, start, v.shape[2]).copy_(v)
+        return self.k.narrow(2, 0, end), self.v.narrow(2, 0, end)
 
 
 class Attention(nn.Module):
@@ -73,6 +73,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.d_head, bias=bias)
         self.o_proj = nn.Linear(n_heads * self.d_head, d_model, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
+        # set only by weightsmith.ship.fuse.fuse_projections (inference): one (H + 2 Hkv) d_head x d_model
+        # matrix in place of q/k/v_proj, so a decode step runs one matmul where it ran three
+        self.qkv_proj: nn.Linear | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, *,
                 cache: KVCache | None = None, start: int = 0,
@@ -86,11 +89,19 @@ class Attention(nn.Module):
                 mask is added to the scores (T5's relative position bias, with -inf where masked).
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.d_head).transpose(1, 2)  # (B, H, T, d_head)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.d_head).transpose(1, 2)  # (B, Hkv, T, d_head)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.d_head).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        H, Hkv = self.n_heads, self.n_kv_heads
+        if self.qkv_proj is not None:  # fused: heads [0, H) are q, then Hkv of k, then Hkv of v
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.d_head).transpose(1, 2)
+            qk, v = qkv.split((H + Hkv, Hkv), dim=1)
+            if rope is not None:  # q and k rotate by the same angles: one rotation for both
+                qk = apply_rope(qk, *rope)
+            q, k = qk.split((H, Hkv), dim=1)
+        else:
+            q = self.q_proj(x).view(B, T, H, self.d_head).transpose(1, 2)  # (B, H, T, d_head)
+            k = self.k_proj(x).view(B, T, Hkv, self.d_head).transpose(1, 2)  # (B, Hkv, T, d_head)
+            v = self.v_proj(x).view(B, T, Hkv, self.d_head).transpose(1, 2)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v, start)  # (B, Hkv, S, d_head), S = start + T
         S = k.shape[2]
@@ -104,7 +115,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads, scale=self.scale,
+            enable_gqa=Hkv != H, scale=self.scale,
         )  # (B, H, T, d_head)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.d_head)
-        return self.resid_dropout(self.o_proj(y))
+        y = self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.d_head))
+        return self.resid_dropout(y) if self.dropout else y  # skip the no-op module call when p = 0

@@ -28,7 +28,8 @@ class GeluMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # tanh approximation by default: the form GPT-2 was trained with ("gelu_new" in HF); BERT passes
         # approximate="none" for the exact erf GELU.
-        return self.dropout(self.down(F.gelu(self.up(x), approximate=self.approximate)))
+        y = self.down(F.gelu(self.up(x), approximate=self.approximate))
+        return self.dropout(y) if self.dropout.p else y
 
 
 class SwiGLU(nn.Module):
@@ -40,9 +41,15 @@ class SwiGLU(nn.Module):
         self.up = nn.Linear(d_model, d_ff, bias=bias)
         self.down = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
+        self.gate_up: nn.Linear | None = None  # [gate; up] (2 d_ff, d_model), set only by ship.fuse (inference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate(x), self.up(x)
+        y = self.down(F.silu(gate) * up)
+        return self.dropout(y) if self.dropout.p else y  # skip the no-op module call when p = 0
 
 
 def make_mlp(kind: str, d_model: int, d_ff: int, bias: bool, dropout: float) -> nn.Module:

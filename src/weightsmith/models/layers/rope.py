@@ -18,20 +18,24 @@ def rope_frequencies(d_head: int, rope_theta: float) -> torch.Tensor:
 
 
 def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cos and sin tables for integer positions ``pos`` of shape (T,) or (B, T).
+    """Cos and signed sin tables for integer positions ``pos`` of shape (T,) or (B, T).
 
-    Returns two tensors of shape ``pos.shape + (d_head,)``, float32.
+    Returns ``(cos, sin)``, each of shape ``pos.shape + (d_head,)``, float32, in the half-split layout:
+    ``cos = [cos(m theta), cos(m theta)]`` and ``sin = [-sin(m theta), sin(m theta)]``. The sign of the
+    rotation is folded into the first half of ``sin`` so that :func:`apply_rope` needs no negation.
     """
     angles = pos.to(torch.float32)[..., None] * inv_freq.to(pos.device)  # (..., T, d_head/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (..., T, d_head)
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` of shape (B, H, T, d_head) by cos/sin of shape (T, d_head) or (B, T, d_head)."""
+    """Rotate ``x`` of shape (B, H, T, d_head) by the tables of :func:`rope_cos_sin`, (T, d_head) or
+    (B, T, d_head): ``x * cos + [x2, x1] * sin`` with ``x = [x1, x2]``, which is ``[x1 cos - x2 sin,
+    x2 cos + x1 sin]``. ``[x2, x1]`` is one ``roll`` by d_head/2 (three operators in all, which matters
+    for a decode step whose cost is per-operator overhead)."""
     if cos.dim() == 3:  # per-sequence positions: (B, T, d_head) -> (B, 1, T, d_head)
         cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).type_as(x)
+    if x.dtype != cos.dtype:  # low-precision activations: rotate in float32, as LLaMA does
+        return apply_rope(x.float(), cos, sin).type_as(x)
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)

@@ -115,3 +115,9 @@ def test_cli_prompts_file_and_draft(tmp_path, tiny_corpus, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "acceptance rate 1.00" in text and "speedup" in text
     assert math.isfinite(float(text.split("speedup ")[1].split("x")[0]))
+    for bad, msg in ((["--prompts-file", str(tmp_path / "p.txt"), "--draft", str(run)], "one --prompt"),
+                     (["--prompt", "a", "--draft", str(run), "--num-draft-tokens", "0"], "--num-draft-tokens"),
+                     (["--prompts-file", str(tmp_path / "missing.txt")], "missing.txt")):
+        assert main(["generate", str(run), *bad, *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and msg in err and "\n" not in err

@@ -73,6 +73,11 @@ def _cmd_generate(args, overrides) -> int:
     run = load_run(args.run_dir)
     fuse_projections(run.model)  # inference only: q/k/v and gate/up as one matmul each (same outputs)
     sampling = (args.temperature, args.top_k, args.top_p, args.seed)
+    if args.draft and args.prompts_file:
+        raise WeightsmithError("--draft takes one --prompt, not --prompts-file: speculative decoding runs one "
+                               "sequence at a time")
+    if args.num_draft_tokens < 1:
+        raise WeightsmithError(f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}")
     try:
         if args.prompts_file:
             from weightsmith.ship.batch import generate_texts

@@ -115,3 +115,24 @@ def test_moe_recipe_trains_with_load_balancing_loss(tmp_path, tiny_corpus, cache
     assert router, "MoE router weights missing"
     # the auxiliary loss only reaches the router through its gradient: changing its weight changes the router
     assert not torch.equal(with_aux[router[0]], without[router[0]])
+
+
+def test_activation_checkpointing_trains_to_the_same_losses(tmp_path, tiny_corpus, cache_dir):
+    import json
+
+    from weightsmith.recipe import recipe_from_tree
+    from weightsmith.train.loop import run_training
+
+    def losses(flag, name):
+        tree = {"data": {"corpus": str(tiny_corpus), "tokenizer": "char"},
+                "model": {"family": "gpt", "d_model": 16, "n_layers": 2, "n_heads": 2, "max_seq_len": 16},
+                "train": {"batch_size": 2, "max_steps": 6, "warmup_steps": 1, "eval_tokens": 64, "log_every": 1,
+                          "activation_checkpointing": flag},
+                "sample": {"max_new_tokens": 2}}
+        out = run_training(recipe_from_tree(tree), tmp_path / name, log=lambda *a: None)
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r]
+
+    plain, ckpt = losses(False, "plain"), losses(True, "ckpt")
+    assert len(plain) == 6
+    assert ckpt == pytest.approx(plain, rel=1e-6)

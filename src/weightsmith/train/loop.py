@@ -45,12 +45,15 @@ class TrainConfig:
     """``[train]`` section. Batch sizes are in sequences; ``max_time`` and eval/log cadence in
     seconds and optimizer steps. ``seq_len`` defaults to ``model.max_seq_len``; ``min_lr`` to lr / 10.
     ``aux_loss_coef`` scales the auxiliary losses that modules leave in ``.aux_loss`` (MoE load balancing,
-    Fedus et al. 2021) before they are added to the language-model loss; the logged loss excludes them."""
+    Fedus et al. 2021) before they are added to the language-model loss; the logged loss excludes them.
+    ``activation_checkpointing`` recomputes every block in the backward pass instead of storing its
+    activations (weightsmith.train.activation_checkpointing)."""
 
     seed: int = 1337
     device: str = "cpu"
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
+    activation_checkpointing: bool = False
     batch_size: int = 32
     seq_len: int | None = None
     grad_accum: int = 1
@@ -270,6 +273,10 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
     log(f"run {run_dir}: {recipe.family} with {n_params:,} parameters, vocab {model_cfg.vocab_size}, "
         f"{tc.batch_size * tc.grad_accum} x {seq_len} tokens per step, device {device}"
         f"{' bf16' if use_bf16 else ' fp32'}")
+    if tc.activation_checkpointing:  # applied from outside: model code and checkpoints are unchanged
+        from weightsmith.train.activation_checkpointing import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
     step_fn = torch.compile(model) if tc.compile else model
     # modules that leave an auxiliary loss after each forward (MoE load balancing); none for dense models
     aux_modules = [m for m in model.modules() if hasattr(m, "aux_loss")]

@@ -75,7 +75,7 @@ class _Clock:
         self.times.append(time.perf_counter() - self.t0)
 
     def end(self):
-        pass
+        """Part of the streamer interface; nothing to record at the end."""
 
 
 @torch.inference_mode()

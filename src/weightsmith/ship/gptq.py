@@ -32,6 +32,8 @@ quantized inputs they will get at inference.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -118,10 +120,8 @@ def layer_hessian(model: nn.Module, layer: nn.Module, calibration: torch.Tensor,
     handle = layer.register_forward_pre_hook(hook)
     try:
         for i in range(0, calibration.shape[0], batch_size):
-            try:
+            with contextlib.suppress(_Stop):  # the hook stops the forward once the layer's input is seen
                 model(calibration[i:i + batch_size])
-            except _Stop:
-                pass
     finally:
         handle.remove()
     return H

@@ -9,7 +9,7 @@ from weightsmith.config import apply_overrides, from_dict, parse_override
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.models.gpt import GPT, GPTConfig
 from weightsmith.train.checkpoint import latest_good_checkpoint, list_checkpoints, load_weights, save_checkpoint
-from weightsmith.train.loop import TrainConfig
+from weightsmith.train.config import TrainConfig
 from weightsmith.train.optim import lr_at, param_groups
 
 

@@ -4,8 +4,8 @@
     [model]   -> family = "gpt" picks the registered family (or preset = "gpt2" a named preset);
                  the other keys are that family's config fields. vocab_size is filled in from the
                  tokenizer when the recipe leaves it out.
-    [train]   -> weightsmith.train.loop.TrainConfig
-    [sample]  -> weightsmith.train.loop.SampleConfig (the sample printed after training)
+    [train]   -> weightsmith.train.config.TrainConfig
+    [sample]  -> weightsmith.train.config.SampleConfig (the sample printed after training)
 
 Unknown tables or keys raise ConfigError with the valid names.
 """
@@ -53,7 +53,7 @@ class Recipe:
 def recipe_from_tree(tree: dict[str, Any], name: str = "run") -> Recipe:
     """Build a :class:`Recipe` from a nested dict. Raises ConfigError on unknown sections or keys."""
     from weightsmith.registry import get_family, get_preset
-    from weightsmith.train.loop import SampleConfig, TrainConfig
+    from weightsmith.train.config import SampleConfig, TrainConfig
 
     for section in tree:
         if section not in SECTIONS:

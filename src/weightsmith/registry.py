@@ -22,9 +22,13 @@ from weightsmith.errors import ConfigError
 
 @dataclass(frozen=True)
 class Family:
+    """A model class, its config dataclass, and the task a recipe of this family trains by default
+    (a name in :mod:`weightsmith.tasks`; ``[task] name = ...`` in a recipe picks another)."""
+
     name: str
     model_cls: type
     config_cls: type
+    task: str = "causal-lm"
 
 
 @dataclass(frozen=True)
@@ -39,11 +43,11 @@ _FAMILIES: dict[str, Family] = {}
 _PRESETS: dict[str, Preset] = {}
 
 
-def register_family(name: str, config_cls: type) -> Callable[[type], type]:
-    """Class decorator: register ``model_cls(config)`` under ``name``."""
+def register_family(name: str, config_cls: type, *, task: str = "causal-lm") -> Callable[[type], type]:
+    """Class decorator: register ``model_cls(config)`` under ``name``, trained by ``task`` by default."""
 
     def deco(model_cls: type) -> type:
-        _FAMILIES[name] = Family(name, model_cls, config_cls)
+        _FAMILIES[name] = Family(name, model_cls, config_cls, task)
         return model_cls
 
     return deco

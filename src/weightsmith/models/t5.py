@@ -292,7 +292,7 @@ class T5(nn.Module):
         return self.decode(tgt, self.encode(src, src_mask), src_mask)
 
 
-register_family("t5", T5Config)(T5)
+register_family("t5", T5Config, task="span-corruption")(T5)
 
 register_preset("t5-small", "t5", doc="T5-small (60M), Raffel et al. 2020",
                 vocab_size=32128, d_model=512, n_layers=6, n_heads=8, d_ff=2048)

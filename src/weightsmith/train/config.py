@@ -1,0 +1,71 @@
+"""``[train]`` and ``[sample]`` sections of a recipe: plain keyword-only dataclasses, checked on creation.
+
+They live apart from the loop so that recipes, the CLI and the docs can read them without importing
+the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from weightsmith.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """``[train]`` section. Batch sizes are in sequences; ``max_time`` and eval/log cadence in
+    seconds and optimizer steps. ``seq_len`` defaults to ``model.max_seq_len``; ``min_lr`` to lr / 10.
+    ``aux_loss_coef`` scales the auxiliary losses that modules leave in ``.aux_loss`` (MoE load balancing,
+    Fedus et al. 2021) before they are added to the language-model loss; the logged loss excludes them.
+    ``activation_checkpointing`` recomputes every block in the backward pass instead of storing its
+    activations (weightsmith.train.activation_checkpointing)."""
+
+    seed: int = 1337
+    device: str = "cpu"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    batch_size: int = 32
+    seq_len: int | None = None
+    grad_accum: int = 1
+    max_steps: int = 1000
+    max_time: float | None = None
+    lr: float = 1e-3
+    min_lr: float | None = None
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    aux_loss_coef: float = 0.01
+    log_every: int = 10
+    eval_every: int = 250
+    eval_tokens: int = 32768
+    eval_batch_size: int = 16
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "ckpt_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"train.device={self.device!r}; choose 'cpu' or 'cuda'")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+
+
+@dataclass(kw_only=True)
+class SampleConfig:
+    """``[sample]`` section: the text generated at the end of training (see weightsmith.ship.generate)."""
+
+    prompt: str = "\n"
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0

@@ -21,3 +21,11 @@ class DataError(WeightsmithError):
 
 class CheckpointError(WeightsmithError):
     """A checkpoint or run directory is missing, corrupt, or would be overwritten."""
+
+
+class TrainingInterrupted(WeightsmithError):
+    """Training stopped on SIGINT or SIGTERM after checkpointing its last finished step."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,9 +1,12 @@
 """Recipes: a TOML file with one table per stage, resolved into typed configs.
 
-    [data]    -> weightsmith.data.prepare.DataConfig
+    [task]    -> name = "causal-lm" picks the registered task (default: the model family's task); the
+                 other keys are that task's config fields (weightsmith.tasks)
+    [data]    -> the task's data config (text: weightsmith.data.prepare.DataConfig)
     [model]   -> family = "gpt" picks the registered family (or preset = "gpt2" a named preset);
-                 the other keys are that family's config fields. vocab_size is filled in from the
-                 tokenizer when the recipe leaves it out.
+                 the other keys are that family's config fields. Fields the data decides (vocab_size,
+                 n_classes, in_channels, image_size) are filled in by the task when the recipe leaves
+                 them out.
     [train]   -> weightsmith.train.config.TrainConfig
     [sample]  -> weightsmith.train.config.SampleConfig (the sample printed after training)
 
@@ -18,41 +21,49 @@ from pathlib import Path
 from typing import Any
 
 from weightsmith.config import apply_overrides, from_dict, load_toml, to_dict
-from weightsmith.data.prepare import DataConfig
 from weightsmith.errors import ConfigError
 
-SECTIONS = ("data", "model", "train", "sample", "quantization")  # quantization: set by `weightsmith quantize`
+SECTIONS = ("task", "data", "model", "train", "sample", "quantization")  # quantization: set by `weightsmith quantize`
 
 
 @dataclass
 class Recipe:
     name: str
-    data: DataConfig
+    task_name: str
+    task: Any  # the task's config dataclass
+    data: Any  # the task's data config dataclass
     family: str
-    model: dict[str, Any]  # raw model fields; built into the family's config once vocab_size is known
+    model: dict[str, Any]  # raw model fields; built into the family's config once the data is known
     train: Any
     sample: Any
 
-    def model_config(self, vocab_size: int | None = None) -> Any:
-        """The family's config dataclass; ``vocab_size`` fills in a missing ``model.vocab_size``."""
+    @property
+    def task_cls(self) -> type:
+        from weightsmith.tasks import get_task
+
+        return get_task(self.task_name)
+
+    def model_config(self, data_fields: dict[str, Any] | None = None) -> Any:
+        """The family's config dataclass; ``data_fields`` (from the task) fill in missing model fields."""
         from weightsmith.registry import resolve
 
         fields = dict(self.model)
-        if "vocab_size" not in fields and vocab_size is not None:
-            fields["vocab_size"] = vocab_size
+        for key, value in (data_fields or {}).items():
+            fields.setdefault(key, value)
         preset = fields.pop("preset", None)
         return resolve(preset or self.family, fields)[1]
 
     def to_tree(self, model_cfg: Any | None = None) -> dict[str, Any]:
         """The resolved config as a nested dict (what ``config.toml`` holds)."""
         model = {"family": self.family, **(to_dict(model_cfg) if model_cfg is not None else self.model)}
-        return {"data": to_dict(self.data), "model": model, "train": to_dict(self.train),
-                "sample": to_dict(self.sample)}
+        return {"task": {"name": self.task_name, **to_dict(self.task)}, "data": to_dict(self.data),
+                "model": model, "train": to_dict(self.train), "sample": to_dict(self.sample)}
 
 
 def recipe_from_tree(tree: dict[str, Any], name: str = "run") -> Recipe:
     """Build a :class:`Recipe` from a nested dict. Raises ConfigError on unknown sections or keys."""
     from weightsmith.registry import get_family, get_preset
+    from weightsmith.tasks import task_for
     from weightsmith.train.config import SampleConfig, TrainConfig
 
     for section in tree:
@@ -67,16 +78,20 @@ def recipe_from_tree(tree: dict[str, Any], name: str = "run") -> Recipe:
         family = family or preset.family
     family = family or "gpt"
     get_family(family)
+    task_tree = dict(tree.get("task", {}))
+    task_cls = task_for(family, task_tree.pop("name", None))  # before any work: can this family be trained?
     recipe = Recipe(
         name=name,
-        data=from_dict(DataConfig, tree.get("data", {}), "data"),
+        task_name=task_cls.name,
+        task=from_dict(task_cls.config_cls, task_tree, "task"),
+        data=from_dict(task_cls.data_config_cls, tree.get("data", {}), "data"),
         family=family,
         model=model,
         train=from_dict(TrainConfig, tree.get("train", {}), "train"),
         sample=from_dict(SampleConfig, tree.get("sample", {}), "sample"),
     )
-    # validate the model section now (unknown keys, impossible shapes), with a stand-in vocab size
-    recipe.model_config(vocab_size=recipe.data.vocab_size if recipe.data.tokenizer == "bpe" else 256)
+    # validate the model section now (unknown keys, impossible shapes), with stand-ins for data fields
+    recipe.model_config(task_cls.placeholder_fields(recipe.data))
     return recipe
 
 

@@ -84,10 +84,15 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
         meta = {"step": step, "files": {n: sha256_file(tmp / n) for n in files}}
         atomic_write_text(tmp / META, json.dumps(meta, indent=2))
         fsync_path(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_path(root)
+        if final.exists():  # re-saving a step: move the old one aside first, delete it only after the rename
+            old = Path(tempfile.mkdtemp(prefix=".old-", dir=root))
+            os.replace(final, old / final.name)
+            os.replace(tmp, final)
+            fsync_path(root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+            fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -98,27 +103,41 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint directories (temporary ones excluded), oldest first."""
+    """Complete checkpoint directories (temporary ones excluded), oldest first by step number.
+
+    Ordered by the number parsed from ``step_N``, not by name, so ``step_1000000`` sorts after
+    ``step_999999``."""
     root = Path(run_dir) / CKPT_DIR
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    found = [(int(p.name[5:]), p) for p in root.iterdir()
+             if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    return [p for _, p in sorted(found)]
 
 
 def verify_checkpoint(ckpt: Path) -> dict:
     """Return the checkpoint's meta after checking every file's sha256.
 
+    ``meta.json`` must be an object whose ``"files"`` maps each file name (a plain name inside the
+    checkpoint directory) to its sha256 hex digest, with ``model.safetensors`` among them.
+
     Raises:
-        CheckpointError: naming the missing, truncated or corrupt file.
+        CheckpointError: naming the missing, truncated or corrupt file, or a malformed ``meta.json``.
     """
     meta_path = ckpt / META
     if not meta_path.is_file():
         raise CheckpointError(f"checkpoint {ckpt} is incomplete: {META} is missing")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"checkpoint {ckpt} is corrupt: {META} is not valid JSON") from None
-    for name, digest in meta["files"].items():
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if (not isinstance(files, dict) or WEIGHTS not in files
+            or not all(isinstance(n, str) and isinstance(d, str) and n == Path(n).name and n not in ("", ".", "..")
+                       for n, d in files.items())):
+        raise CheckpointError(f"checkpoint {meta_path} is malformed: it needs \"files\" mapping {WEIGHTS} "
+                              "(and any other file) to its sha256; delete the checkpoint or restore it")
+    for name, digest in files.items():
         f = ckpt / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {ckpt} is incomplete: {name} is missing")
@@ -191,6 +210,8 @@ def load_run(run_dir: str | Path, device: str = "cpu", checkpoint: Path | None =
     if not (run_dir / "config.toml").is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.toml)")
     tree = load_toml(run_dir / "config.toml")
+    if not isinstance(tree.get("model"), dict):
+        raise CheckpointError(f"{run_dir / 'config.toml'} has no [model] table; it is not a complete run config")
     model_tree = dict(tree["model"])
     family = model_tree.pop("family", "gpt")
     cfg = build_config(family, model_tree)

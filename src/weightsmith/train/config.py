@@ -50,9 +50,24 @@ class TrainConfig:
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "ckpt_every"):
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "ckpt_every",
+                     "eval_batch_size", "eval_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("eps", "weight_decay", "grad_clip", "aux_loss_coef", "warmup_steps", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.min_lr is not None and not 0.0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"train.min_lr={self.min_lr} must be in [0, train.lr={self.lr}]")
+        if self.seq_len is not None and self.seq_len <= 0:
+            raise ConfigError(f"train.seq_len must be positive, got {self.seq_len}")
+        if self.max_time is not None and self.max_time <= 0:
+            raise ConfigError(f"train.max_time must be positive seconds, got {self.max_time}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"train.device={self.device!r}; choose 'cpu' or 'cuda'")
         if self.lr <= 0:

@@ -1,13 +1,18 @@
-"""The training loop: one step = ``grad_accum`` micro-batches, then clip, AdamW update, LR schedule.
+"""The trainer: one step = ``grad_accum`` micro-batches, then clip, AdamW update, LR schedule.
 
-Batches are random windows of ``seq_len + 1`` tokens from the training shard, drawn by a seeded
-``torch.Generator`` whose state is checkpointed, so a resumed run sees exactly the batches an
-uninterrupted run would. With a step budget on CPU, a run killed after a checkpoint and resumed logs
-bit-identical losses (tests/test_resume.py checks this with SIGKILL).
+It is the same for every task (weightsmith.tasks): the task owns data, batches, loss, evaluation and
+artifacts; this module owns steps, schedule, accumulation, clipping, checkpoints, the time budget,
+signals and resume. Batch streams, the global RNG and the task's own state are checkpointed, so with a
+step budget on CPU a run killed after a checkpoint and resumed logs bit-identical losses
+(tests/test_resume.py checks this with SIGKILL and SIGTERM).
 
-Units: ``tokens`` in metrics.jsonl counts training tokens consumed (B x T x grad_accum per step);
-``loss`` is the mean next-token cross-entropy of the step in nats per token; ``lr`` is the rate used
-for that step; ``tok_per_s`` is measured over the last logging interval.
+metrics.jsonl rows, one per ``log_every`` steps: ``step``; ``loss`` (the task's loss, mean over the
+step's micro-batches: nats per token for language models, per image for classifiers); the task's
+named loss parts; ``lr`` (the rate used for that step); the running total of the task's unit
+(``tokens`` or ``images``, B x T x grad_accum or B x grad_accum per step); its rate over the last
+logging interval (``tok_per_s`` or ``img_per_s``); ``elapsed_s``. Every ``eval_every`` steps the task
+adds one validation row: ``step`` plus its quick-eval fields (``val_loss_partial``, ``val_tokens`` for
+language models).
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import json
 import os
 import platform
 import random
+import signal
 import subprocess
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -24,14 +31,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import weightsmith
 from weightsmith.config import apply_overrides, dump_toml, load_toml
-from weightsmith.errors import CheckpointError, ConfigError
+from weightsmith.errors import CheckpointError, ConfigError, TrainingInterrupted
 from weightsmith.train.checkpoint import (
     atomic_write_text,
     latest_good_checkpoint,
+    list_checkpoints,
     load_train_state,
     load_weights,
     save_checkpoint,
@@ -75,24 +82,6 @@ def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32,
             return 2 * n**3 * reps / dt
 
 
-class Batches:
-    """Random (x, y) windows from a token shard; its generator state is part of the checkpoint."""
-
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, device: str) -> None:
-        if len(tokens) <= seq_len + 1:
-            raise ConfigError(f"training split has {len(tokens)} tokens; need more than train.seq_len + 1 "
-                              f"= {seq_len + 1} (lower train.seq_len or use a bigger corpus)")
-        self.tokens, self.batch_size, self.seq_len, self.device = tokens, batch_size, seq_len, device
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, y: (B, T) int64, y shifted by one."""
-        ix = torch.randint(len(self.tokens) - self.seq_len - 1, (self.batch_size,), generator=self.generator)
-        rows = np.stack([np.asarray(self.tokens[i:i + self.seq_len + 1], dtype=np.int64) for i in ix.tolist()])
-        chunk = torch.from_numpy(rows).to(self.device)
-        return chunk[:, :-1], chunk[:, 1:]
-
-
 def _rng_state() -> dict[str, Any]:
     """Global RNG state that training consumes (dropout masks); data order has its own generator."""
     state = {"torch": torch.get_rng_state()}
@@ -119,6 +108,8 @@ def resolve_run_dir(recipe_name: str, out: str | Path | None, resume: bool) -> P
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path("runs") / f"{recipe_name}-{stamp}"
     run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"--out {run_dir} is an existing file, not a run directory; choose another --out")
     is_run = (run_dir / "config.toml").is_file()
     if resume and not is_run:
         raise CheckpointError(f"nothing to resume: {run_dir} is not a run directory (no config.toml)")
@@ -149,25 +140,76 @@ def train(recipe_path: str | Path, overrides: list[str] | None = None, *, out: s
     return run_training(recipe, run_dir, resume=resume, log=log)
 
 
+class _StopSignals:
+    """SIGINT/SIGTERM during training: finish the current step, checkpoint it, then stop.
+
+    A second signal of either kind raises KeyboardInterrupt at once (the usual escape hatch)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
+    """Rows of metrics.jsonl; a torn final line (a process killed mid-write) is dropped.
+
+    Raises:
+        CheckpointError: a line other than the last is not valid JSON.
+    """
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    rows = []
+    for i, ln in enumerate(lines):
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise CheckpointError(f"{path} line {i + 1} is not valid JSON; fix or delete that line") from None
+    return [r for r in rows if up_to_step is None or r.get("step", 0) <= up_to_step]
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> Path:
+    """Train ``recipe``'s model with its task into ``run_dir``; returns ``run_dir``.
+
+    The task (weightsmith.tasks) prepares the data, fills in the model fields the data decides, makes
+    the batches, computes the loss, evaluates and writes its artifacts; this function owns the rest.
+
+    Raises:
+        ConfigError / DataError / CheckpointError: bad recipe, data or run directory (one line each).
+        TrainingInterrupted: SIGINT or SIGTERM; the last finished step was checkpointed first.
+    """
     from tqdm import tqdm
 
-    from weightsmith.data.prepare import prepare
-    from weightsmith.data.tokenizers import save_tokenizer
     from weightsmith.registry import model_from_config
 
     tc: TrainConfig = recipe.train
-    data = prepare(recipe.data, log=log)
-    model_cfg = recipe.model_config(vocab_size=data.tokenizer.vocab_size)
-    if model_cfg.vocab_size < data.tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-                          f"{data.tokenizer.vocab_size}; remove it from the recipe to use the tokenizer's")
-    seq_len = tc.seq_len or model_cfg.max_seq_len
-    if seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"train.seq_len={seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
     device = tc.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("train.device='cuda' but torch.cuda.is_available() is False; use train.device='cpu'")
+    task = recipe.task_cls(recipe.task, recipe.data, tc, recipe.sample)
+    task.setup(run_dir, resume=resume, log=log)
+    model_cfg = recipe.model_config(task.model_fields())
+    task.check_model(model_cfg)
     use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.startswith("cuda"))
     autocast_dtype = torch.bfloat16 if use_bf16 else None
 
@@ -177,10 +219,10 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
     model = model_from_config(recipe.family, model_cfg, device=device)
     model.train()
     optimizer = build_adamw(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps)
-    batches = Batches(data.train, tc.batch_size, seq_len, tc.seed, device)
+    batches = task.batches(device)
     min_lr = tc.min_lr if tc.min_lr is not None else tc.lr / 10
 
-    step, tokens_seen, elapsed_before = 0, 0, 0.0
+    step, seen, elapsed_before = 0, 0, 0.0
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
         ckpt = latest_good_checkpoint(run_dir, log=log)
@@ -189,31 +231,28 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
         load_weights(model, ckpt)
         state = load_train_state(ckpt)
         optimizer.load_state_dict(state["optimizer"])
-        batches.generator.set_state(state["data_generator"])
+        batches.load_state_dict(state["batches"])
+        task.load_state_dict(state.get("task", {}))
         _set_rng_state(state["rng"])
-        step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
-        # drop log lines written after the checkpoint by the interrupted process
-        if metrics_path.is_file():
-            kept = [ln for ln in metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["step"] <= step]
-            atomic_write_text(metrics_path, "".join(k + "\n" for k in kept))
+        step, seen, elapsed_before = state["step"], state["seen"], state["elapsed_s"]
+        # drop log lines written after the checkpoint by the interrupted process (and a torn last line)
+        kept = _read_metrics(metrics_path, up_to_step=step)
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         log(f"resumed from {ckpt} at step {step}")
         start_step = step
     else:
         start_step = 0
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.toml", dump_toml(recipe.to_tree(model_cfg)))
-        save_tokenizer(data.tokenizer, run_dir)
+        task.write_artifacts(run_dir)
         manifest = {"weightsmith": weightsmith.__version__, "git_commit": _git_commit(),
-                    "torch": torch.__version__, "machine": machine_info(),
-                    "data": {"directory": str(data.directory), **data.manifest},
-                    "created": datetime.now().isoformat(timespec="seconds")}
+                    "torch": torch.__version__, "machine": machine_info(), "task": task.name,
+                    "data": task.data_manifest(), "created": datetime.now().isoformat(timespec="seconds")}
         atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2))
 
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"run {run_dir}: {recipe.family} with {n_params:,} parameters, vocab {model_cfg.vocab_size}, "
-        f"{tc.batch_size * tc.grad_accum} x {seq_len} tokens per step, device {device}"
-        f"{' bf16' if use_bf16 else ' fp32'}")
+    log(f"run {run_dir}: {recipe.family} with {n_params:,} parameters, task {task.name}, "
+        f"{tc.batch_size * tc.grad_accum} examples per step, device {device}{' bf16' if use_bf16 else ' fp32'}")
     if tc.activation_checkpointing:  # applied from outside: model code and checkpoints are unchanged
         from weightsmith.train.activation_checkpointing import apply_activation_checkpointing
 
@@ -222,126 +261,151 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
     # modules that leave an auxiliary loss after each forward (MoE load balancing); none for dense models
     aux_modules = [m for m in model.modules() if hasattr(m, "aux_loss")]
 
+    metrics = open(metrics_path, "a")
+
     def checkpoint() -> None:
-        state = {"optimizer": optimizer.state_dict(), "data_generator": batches.generator.get_state(),
-                 "rng": _rng_state(), "step": step, "tokens": tokens_seen,
+        metrics.flush()
+        os.fsync(metrics.fileno())  # the log is durable up to the step the checkpoint holds
+        state = {"optimizer": optimizer.state_dict(), "batches": batches.state_dict(), "task": task.state_dict(),
+                 "rng": _rng_state(), "step": step, "seen": seen,
                  "elapsed_s": elapsed_before + (time.perf_counter() - t_start)}
         save_checkpoint(run_dir, step, model, state, keep=tc.keep_checkpoints)
 
-    metrics = open(metrics_path, "a")
     t_start = time.perf_counter()
-    t_last, tokens_last = t_start, tokens_seen
+    t_last, seen_last = t_start, seen
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", disable=None, dynamic_ncols=True)
+    plain = bar.disable  # no terminal (| tee, nohup, a cluster job): one plain line per log_every steps
     stop_reason = "max_steps"
-    while step < tc.max_steps:
-        elapsed = elapsed_before + time.perf_counter() - t_start
-        if tc.max_time is not None and elapsed >= tc.max_time:
-            stop_reason = "max_time"
-            break
-        progress = None
-        if tc.max_time is not None:
-            span = max(1, tc.max_steps - tc.warmup_steps)
-            progress = max((step - tc.warmup_steps) / span, elapsed / tc.max_time)
-        lr = lr_at(step, lr=tc.lr, min_lr=min_lr, warmup_steps=tc.warmup_steps, total_steps=tc.max_steps,
-                   schedule=tc.schedule, decay_fraction=tc.decay_fraction, progress=progress)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = 0.0
-        for _ in range(tc.grad_accum):
-            x, y = batches.next()
-            with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype,
-                                enabled=autocast_dtype is not None):
-                logits = step_fn(x)
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-                total = loss
-                if aux_modules and tc.aux_loss_coef:
-                    total = loss + tc.aux_loss_coef * sum(m.aux_loss for m in aux_modules)
-            (total / tc.grad_accum).backward()
-            loss_sum += loss.item()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += tc.batch_size * tc.grad_accum * seq_len
-        loss_val = loss_sum / tc.grad_accum
-        if not np.isfinite(loss_val):
-            raise CheckpointError(f"loss became {loss_val} at step {step}; lower train.lr or raise "
-                                  f"train.warmup_steps, then resume from the last checkpoint")
-        now = time.perf_counter()
-        if step % tc.log_every == 0 or step == tc.max_steps:
-            tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
-            row = {"step": step, "loss": loss_val, "lr": lr, "tokens": tokens_seen, "tok_per_s": tps,
-                   "elapsed_s": elapsed_before + now - t_start}
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            t_last, tokens_last = now, tokens_seen
-            bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tps:,.0f}")
-        bar.update(1)
-        if step % tc.eval_every == 0 and step < tc.max_steps:
-            from weightsmith.eval.metrics import stream_loss
-
-            total, count, _ = stream_loss(model, data.val, seq_len, tc.eval_batch_size, tc.eval_tokens,
-                                          device, autocast_dtype)
-            metrics.write(json.dumps({"step": step, "val_loss_partial": total / count,
-                                      "val_tokens": count}) + "\n")
-            metrics.flush()
-            bar.write(f"step {step}: loss {loss_val:.4f}, val_loss (first {count:,} val tokens) "
-                      f"{total / count:.4f}, lr {lr:.2e}")
-        if step % tc.ckpt_every == 0 and step < tc.max_steps:
+    with _StopSignals() as signals:
+        while step < tc.max_steps:
+            elapsed = elapsed_before + time.perf_counter() - t_start
+            if tc.max_time is not None and elapsed >= tc.max_time:
+                stop_reason = "max_time"
+                break
+            if signals.received is not None:
+                stop_reason = signal.Signals(signals.received).name
+                break
+            progress = None
+            if tc.max_time is not None:
+                span = max(1, tc.max_steps - tc.warmup_steps)
+                progress = max((step - tc.warmup_steps) / span, elapsed / tc.max_time)
+            lr = lr_at(step, lr=tc.lr, min_lr=min_lr, warmup_steps=tc.warmup_steps, total_steps=tc.max_steps,
+                       schedule=tc.schedule, decay_fraction=tc.decay_fraction, progress=progress)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, parts_sum = 0.0, {}
+            for _ in range(tc.grad_accum):
+                batch = batches.next()
+                with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype,
+                                    enabled=autocast_dtype is not None):
+                    loss, parts = task.loss(step_fn, batch)
+                    total = loss
+                    if aux_modules and tc.aux_loss_coef:
+                        total = loss + tc.aux_loss_coef * sum(m.aux_loss for m in aux_modules)
+                (total / tc.grad_accum).backward()
+                loss_sum += loss.item()
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+                seen += task.count(batch)
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_val = loss_sum / tc.grad_accum
+            if not np.isfinite(loss_val):
+                raise CheckpointError(f"loss became {loss_val} at step {step}; lower train.lr or raise "
+                                      f"train.warmup_steps, then resume from the last checkpoint")
+            now = time.perf_counter()
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                rate = (seen - seen_last) / max(now - t_last, 1e-9)
+                run_s = elapsed_before + now - t_start
+                row = {"step": step, "loss": loss_val, **{k: v / tc.grad_accum for k, v in parts_sum.items()},
+                       "lr": lr, task.unit: seen, task.rate_key: rate, "elapsed_s": run_s}
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                t_last, seen_last = now, seen
+                bar.set_postfix(loss=f"{loss_val:.4f}", **{task.rate_key: f"{rate:,.0f}"})
+                if plain:
+                    per_step = (now - t_start) / max(step - start_step, 1)
+                    eta = (tc.max_steps - step) * per_step
+                    if tc.max_time is not None:
+                        eta = min(eta, tc.max_time - run_s)
+                    log(f"step {step}/{tc.max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | "
+                        f"{rate:,.0f} {task.rate_key.replace('_per_s', '/s')} | {_fmt_seconds(run_s)} | "
+                        f"ETA {_fmt_seconds(eta)}")
+            bar.update(1)
+            if step % tc.eval_every == 0 and step < tc.max_steps:
+                result = task.evaluate(model, device=device, autocast_dtype=autocast_dtype)
+                if result:
+                    metrics.write(json.dumps({"step": step, **result}) + "\n")
+                    metrics.flush()
+                    bar.write(f"step {step}: loss {loss_val:.4f}, {task.describe_eval(result)}, lr {lr:.2e}")
+            if step % tc.ckpt_every == 0 and step < tc.max_steps:
+                checkpoint()
+        bar.close()
+        train_seconds = time.perf_counter() - t_start
+        if step > start_step or not list_checkpoints(run_dir):
             checkpoint()
-    bar.close()
-    metrics.close()
-    train_seconds = time.perf_counter() - t_start
-    checkpoint()
+        metrics.close()
+    if stop_reason in ("SIGINT", "SIGTERM"):
+        raise TrainingInterrupted(
+            f"{stop_reason} at step {step}: checkpoint written; continue with "
+            f"`weightsmith train RECIPE --out {run_dir} --resume`",
+            exit_code=130 if stop_reason == "SIGINT" else 143)
     log(f"stopped at step {step} ({stop_reason}) after {elapsed_before + train_seconds:.1f} s")
 
-    summary = finish_run(run_dir, model, data, recipe, seq_len, device, autocast_dtype, log=log)
+    summary = task.finish(model, run_dir, device=device, autocast_dtype=autocast_dtype, log=log)
     if step > start_step:
-        report_mfu(run_dir, recipe.family, model_cfg, seq_len, metrics_path, device, use_bf16, log=log)
-    log(f"run directory: {run_dir}  (val_bpb {summary['val_bpb']:.4f})")
+        report_mfu(run_dir, task, recipe.family, model_cfg, metrics_path, device, use_bf16, log=log)
+    log(f"run directory: {run_dir}  ({task.headline(summary)})")
     return run_dir
 
 
-def finish_run(run_dir: Path, model, data, recipe, seq_len: int, device: str, autocast_dtype,
-               log=print) -> dict:
-    """Full validation eval -> eval.json, and a sample -> samples.txt."""
-    from weightsmith.eval.metrics import evaluate_lm
-    from weightsmith.ship.generate import generate_text
-
-    result = evaluate_lm(model, data.val, data.tokenizer.token_bytes(), seq_len,
-                         recipe.train.eval_batch_size, device, autocast_dtype)
-    atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
-    log("eval: " + json.dumps(result))
-    s = recipe.sample
-    model.eval()
-    text = generate_text(model, data.tokenizer, s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
-                         s.seed)
-    atomic_write_text(run_dir / "samples.txt", text + "\n")
-    log("sample:\n" + text)
-    return result
+# Datasheet dense peak FLOP/s by GPU name fragment and dtype (no sparsity): the usual MFU denominator.
+# NVIDIA H100 SXM / H200 SXM: 989.4 TFLOP/s bf16, 66.9 fp32; A100: 312 bf16, 19.5 fp32 (datasheets).
+DATASHEET_PEAKS = {"H200": {"bf16": 989.4e12, "fp32": 66.9e12}, "H100": {"bf16": 989.4e12, "fp32": 66.9e12},
+                   "A100": {"bf16": 312e12, "fp32": 19.5e12}}
 
 
-def report_mfu(run_dir: Path, family: str, model_cfg, seq_len: int, metrics_path: Path, device: str,
-               bf16: bool, log=print) -> dict:
-    """MFU = model FLOPs/s (analytic training FLOPs per token x measured tokens/s) / measured matmul peak.
+def datasheet_peak(device: str, dtype: str) -> float | None:
+    """The datasheet dense peak of the current CUDA device for ``dtype`` ("bf16" | "fp32"), or None."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    for key, peaks in DATASHEET_PEAKS.items():
+        if key in name:
+            return peaks.get(dtype)
+    return None
 
-    Tokens/s is the median over logged intervals of this run; the peak is a large matmul timed in the
-    same process, in the training dtype. Written to ``mfu.json``.
+
+def report_mfu(run_dir: Path, task, family: str, model_cfg, metrics_path: Path, device: str, bf16: bool,
+               log=print) -> dict | None:
+    """MFU = model FLOPs/s (analytic training FLOPs per unit x measured units/s) / peak FLOP/s.
+
+    Units/s is the median over logged intervals of this run. Two denominators: a large matmul timed in
+    the same process in the training dtype (``mfu``: what this machine can reach), and, on a GPU whose
+    datasheet peak is known, that peak (``mfu_datasheet``: the figure papers quote). Written to
+    ``mfu.json``; skipped with one line when the family's FLOPs are not modelled.
     """
-    from weightsmith.analysis import flops_per_token
-
-    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-    tps = [r["tok_per_s"] for r in rows if "tok_per_s" in r][1:] or [r["tok_per_s"] for r in rows if "tok_per_s" in r]
-    tok_s = float(np.median(tps))
-    fpt = flops_per_token(family, model_cfg, seq_len, training=True)
+    try:
+        fpu = task.flops_per_unit(family, model_cfg)
+    except ConfigError as e:
+        log(f"MFU skipped: {e}")
+        return None
+    rows = [r for r in _read_metrics(metrics_path) if task.rate_key in r]
+    rates = [r[task.rate_key] for r in rows][1:] or [r[task.rate_key] for r in rows]
+    rate = float(np.median(rates))
+    dtype_name = "bf16" if bf16 else "fp32"
     dtype = torch.bfloat16 if bf16 else torch.float32
     peak = measure_matmul_peak(device, dtype, n=4096 if device.startswith("cuda") else 1024)
-    out = {"tok_per_s": tok_s, "flops_per_token": fpt, "model_flops_per_s": fpt * tok_s,
-           "matmul_peak_flops_per_s": peak, "mfu": fpt * tok_s / peak,
-           "dtype": "bf16" if bf16 else "fp32", "device": device}
+    sheet = datasheet_peak(device, dtype_name)
+    out = {task.rate_key: rate, f"flops_per_{task.unit[:-1]}": fpu, "model_flops_per_s": fpu * rate,
+           "matmul_peak_flops_per_s": peak, "mfu": fpu * rate / peak, "datasheet_peak_flops_per_s": sheet,
+           "mfu_datasheet": fpu * rate / sheet if sheet else None, "dtype": dtype_name, "device": device}
     atomic_write_text(run_dir / "mfu.json", json.dumps(out, indent=2))
-    log(f"MFU {out['mfu']:.1%}: {tok_s:,.0f} tok/s x {fpt / 1e6:.2f} MFLOP/token (train, 2 FLOPs per "
-        f"multiply-add) / measured {peak / 1e9:.1f} GFLOP/s matmul peak ({out['dtype']})")
+    sheet_note = (f"; {out['mfu_datasheet']:.1%} of the {sheet / 1e12:.0f} TFLOP/s datasheet peak" if sheet
+                  else "; the usual MFU divides by the datasheet peak, unknown for this device")
+    log(f"MFU {out['mfu']:.1%}: {rate:,.0f} {task.unit}/s x {fpu / 1e6:.2f} MFLOP per {task.unit[:-1]} (train, "
+        f"2 FLOPs per multiply-add) / measured {peak / 1e9:.1f} GFLOP/s matmul peak ({dtype_name}){sheet_note}")
     return out
-

@@ -22,13 +22,14 @@ from weightsmith.errors import ConfigError
 
 @dataclass(frozen=True)
 class Family:
-    """A model class, its config dataclass, and the task a recipe of this family trains by default
-    (a name in :mod:`weightsmith.tasks`; ``[task] name = ...`` in a recipe picks another)."""
+    """A model class, its config dataclass, and the task a recipe of this family trains with (a name
+    in :mod:`weightsmith.tasks`), or None for a backbone with no objective of its own (``bert``, whose
+    pretraining model with the MLM head is ``bert-mlm``)."""
 
     name: str
     model_cls: type
     config_cls: type
-    task: str = "causal-lm"
+    task: str | None = "causal-lm"
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ _FAMILIES: dict[str, Family] = {}
 _PRESETS: dict[str, Preset] = {}
 
 
-def register_family(name: str, config_cls: type, *, task: str = "causal-lm") -> Callable[[type], type]:
+def register_family(name: str, config_cls: type, *, task: str | None = "causal-lm") -> Callable[[type], type]:
     """Class decorator: register ``model_cls(config)`` under ``name``, trained by ``task`` by default."""
 
     def deco(model_cls: type) -> type:

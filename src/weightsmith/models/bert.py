@@ -145,7 +145,7 @@ class Bert(nn.Module):
         return x, pooled
 
 
-register_family("bert", BertConfig, task="masked-lm")(Bert)
+register_family("bert", BertConfig, task=None)(Bert)  # backbone; pretrained as bert-mlm
 
 register_preset("bert-base", "bert", doc="BERT-base uncased (110M with pooler), Devlin et al. 2019",
                 vocab_size=30522, d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_seq_len=512,

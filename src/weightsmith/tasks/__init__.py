@@ -78,6 +78,9 @@ def task_for(family: str, name: str | None = None) -> type:
     trainable = trainable_families()
     listing = ", ".join(f"{f} ({t})" for f, t in sorted(trainable.items()))
     if name is None:
+        if fam.task is None:
+            raise ConfigError(f"model.family='{family}' is a backbone with no training objective of its own; "
+                              f"trainable families: {listing}")
         if fam.task not in _TASKS:
             raise ConfigError(f"model.family='{family}' has no training objective yet (task '{fam.task}' is not "
                               f"available); trainable families: {listing}")

@@ -121,3 +121,90 @@ def test_cli_prompts_file_and_draft(tmp_path, tiny_corpus, monkeypatch, capsys):
         assert main(["generate", str(run), *bad, *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and msg in err and "\n" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# past max_seq_len: a sliding window over the last max_seq_len tokens (nanoGPT's crop)
+
+
+def naive_greedy(model, prompt, n):
+    """Reference: n greedy tokens, each from a fresh full forward over the last max_seq_len tokens."""
+    ids, L = list(prompt), model.config.max_seq_len
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids[-L:]]))[0, -1].argmax()))
+    return ids
+
+
+WINDOW_KW = [{}, {"pos": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}]
+
+
+@pytest.mark.parametrize("kw", WINDOW_KW)
+def test_generate_past_the_window_equals_the_naive_loop(kw):
+    model = tiny_gpt(0, max_seq_len=16, **kw)
+    for prompt in ([3, 1, 4, 1, 5], list(range(1, 21))):  # 5 tokens, and a prompt longer than the window
+        out = generate(model, torch.tensor([prompt]), 40, temperature=0.0)[0].tolist()
+        assert len(out) == len(prompt) + 40
+        assert out == naive_greedy(model, prompt, 40)
+
+
+@pytest.mark.parametrize("kw", WINDOW_KW)
+def test_batched_past_the_window_equals_the_naive_loop(kw):
+    model = tiny_gpt(0, max_seq_len=16, **kw)
+    prompts = PROMPTS + [list(range(30, 50))]  # lengths 1, 3, 7, 12 and 20 (> max_seq_len)
+    out = generate_batch(model, prompts, 40, temperature=0.0)
+    for p, o in zip(prompts, out):
+        assert len(o) == len(p) + 40
+        assert o == naive_greedy(model, p, 40)
+
+
+@pytest.mark.parametrize("d_max,k", [(16, 3), (8, 4), (32, 5)])
+def test_speculative_past_the_window_equals_the_naive_loop(d_max, k):
+    target = tiny_gpt(0, max_seq_len=16)
+    draft = tiny_gpt(1, d_model=12, n_heads=2, n_layers=1, max_seq_len=d_max)
+    prompt = [3, 1, 4, 1, 5]
+    ref = naive_greedy(target, prompt, 40)
+    for d in (draft, target):  # an unrelated draft, and the target as its own draft (all accepted)
+        out, stats = speculative_generate(target, d, torch.tensor([prompt]), 40, num_draft_tokens=k,
+                                          temperature=0.0)
+        assert out[0].tolist() == ref
+        assert stats["drafted"] > 0 and stats["target_forwards"] == stats["rounds"]
+
+
+def test_sampling_past_the_window_follows_the_windowed_model():
+    """The first token after a 20-token prompt (window 8) ~ softmax(model(last 8 tokens))."""
+    model = tiny_gpt(0, vocab_size=5, init_std=0.5, max_seq_len=8)
+    prompt = torch.tensor([[1, 2, 3, 4, 0] * 4])
+    with torch.no_grad():
+        p = model(prompt[:, -8:])[0, -1].softmax(-1)
+        assert (p - model(prompt)[0, -1].softmax(-1)).abs().max() > 0.2  # the whole prompt would differ
+    n = 4000
+    g = torch.Generator().manual_seed(0)
+    firsts = generate(model, prompt.expand(n, -1), 1, temperature=1.0, generator=g)[:, -1]  # n draws at once
+    freq = torch.bincount(firsts, minlength=5).float() / n
+    assert ((freq - p).abs() <= five_sigma(p, n)).all(), (freq, p)
+
+
+def test_speculative_sampling_past_both_windows_is_the_target_sampling():
+    """Past both windows nothing is drafted: with one seed, the target's own samples, token for token."""
+    target, draft = tiny_gpt(0, max_seq_len=16), tiny_gpt(1, d_model=12, n_heads=2, n_layers=1, max_seq_len=8)
+    prompt = torch.tensor([list(range(1, 21))])
+    for temperature, top_k in ((1.0, None), (0.7, 5)):
+        ref = generate(target, prompt, 30, temperature=temperature, top_k=top_k,
+                       generator=torch.Generator().manual_seed(5))
+        out, stats = speculative_generate(target, draft, prompt, 30, temperature=temperature, top_k=top_k,
+                                          generator=torch.Generator().manual_seed(5))
+        assert torch.equal(out, ref)
+        assert stats["drafted"] == 0 and stats["rounds"] == stats["target_forwards"] == 30
+
+
+def test_zero_and_negative_max_new_tokens():
+    model = tiny_gpt(0)
+    prompt = torch.tensor([[3, 1, 4]])
+    assert torch.equal(generate(model, prompt, 0), prompt)
+    assert generate_batch(model, PROMPTS, 0) == PROMPTS
+    assert torch.equal(speculative_generate(model, model, prompt, 0)[0], prompt)
+    for fn in (lambda: generate(model, prompt, -5), lambda: generate_batch(model, PROMPTS, -5),
+               lambda: speculative_generate(model, model, prompt, -5)):
+        with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+            fn()

@@ -7,6 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from weightsmith import __version__
+from weightsmith.cli import main
 
 RECIPE = """
 [data]
@@ -107,6 +111,9 @@ def test_generate_is_seeded_and_reproducible(trained, env):
     b = run_cli(*args, "--seed", "3", env=env["env"])
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout and a.stdout.startswith("KING.")
+    c = run_cli(*args, "--seed", "4", env=env["env"])
+    assert c.returncode == 0, c.stderr
+    assert c.stdout != a.stdout and c.stdout.startswith("KING.")
 
 
 def test_prepare_and_print_config(env):
@@ -164,3 +171,151 @@ def test_corrupt_shard(env, tmp_path):
     shard = next(Path(cache).glob("data/*/val.bin"))
     shard.write_bytes(shard.read_bytes()[:-4])
     one_line_error(run_cli("prepare", env["recipe"], "--data.tokenizer=char", env=e), "val.bin", "--force")
+
+
+# ------------------------------------------------------------------------------------------------
+# in-process checks (main([...]) with capsys): one `error:` line and exit 2, help, version
+
+
+def cli(capsys, *argv):
+    """(exit code, stdout, stderr) of main([...]) in this process."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(capsys, *argv, needles=()):
+    code, _, err = cli(capsys, *argv)
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def short_window(trained, tmp_path_factory):
+    """The trained run with max_seq_len cut from 32 to 16 (RoPE: no parameter depends on it)."""
+    import shutil
+
+    from weightsmith.config import dump_toml, load_toml
+
+    run = tmp_path_factory.mktemp("window") / "run"
+    shutil.copytree(trained[0], run)
+    tree = load_toml(run / "config.toml")
+    assert tree["model"].get("pos", "rope") == "rope"
+    tree["model"]["max_seq_len"] = 16
+    (run / "config.toml").write_text(dump_toml(tree))
+    return run
+
+
+def naive_greedy_text(run_dir, prompt, n):
+    """Reference: n greedy tokens, each from a fresh full forward over the last max_seq_len tokens."""
+    from weightsmith.train.checkpoint import load_run
+
+    run = load_run(run_dir)
+    ids, L = run.tokenizer.encode(prompt), run.model.config.max_seq_len
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(run.model(torch.tensor([ids[-L:]]))[0, -1].argmax()))
+    return run.tokenizer.decode(ids), len(ids)
+
+
+def test_generate_runs_past_max_seq_len(short_window, tmp_path, capsys):
+    """40 new tokens with max_seq_len=16, single, batched and speculative: the naive sliding-window loop's."""
+    prompts = ["KING. The", "a", "HAMLET. What lord doth"]
+    refs = [naive_greedy_text(short_window, p, 40) for p in prompts]
+    assert refs[0][1] > 16 + 16  # the window slides for more than a whole window
+    greedy = ("--max-new-tokens", 40, "--temperature", 0)
+    code, out, err = cli(capsys, "generate", short_window, "--prompt", prompts[0], *greedy)
+    assert code == 0, err
+    assert out == refs[0][0] + "\n"
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    code, out, err = cli(capsys, "generate", short_window, "--prompts-file", tmp_path / "p.txt", *greedy)
+    assert code == 0, err
+    assert out == "\n\n".join(f"=== {i} ===\n{t}" for i, (t, _) in enumerate(refs)) + "\n"
+    code, out, err = cli(capsys, "generate", short_window, "--prompt", prompts[0], "--draft", short_window,
+                         "--num-draft-tokens", 3, *greedy)
+    assert code == 0, err
+    assert out.startswith(refs[0][0] + "\nspeculative: acceptance rate 1.00")
+
+
+def test_generate_prompt_longer_than_the_window(short_window, capsys):
+    one_line(capsys, "generate", short_window, "--prompt", "KING. The lord " * 10,
+             needles=("prompt is", "longer than max_seq_len=16"))
+
+
+def test_generate_help_states_the_window(capsys):
+    code, out, _ = cli(capsys, "generate", "--help")
+    assert code == 0
+    assert "max_seq_len" in out and "sliding window" in out and "exactly" in out
+
+
+@pytest.mark.parametrize("n", ["-5", "0"])
+def test_generate_max_new_tokens_must_be_positive(trained, capsys, n):
+    one_line(capsys, "generate", trained[0], "--prompt", "a", "--max-new-tokens", n,
+             needles=("--max-new-tokens", ">= 1", n))
+
+
+@pytest.mark.parametrize("argv", [["eval", "RUN"], ["generate", "RUN", "--prompt", "a"],
+                                  ["export", "RUN", "--format", "hf", "--out", "OUT"],
+                                  ["quantize", "RUN", "--method", "int8", "--out", "OUT"], ["models"]])
+def test_overrides_are_rejected_where_nothing_reads_them(trained, tmp_path, capsys, argv):
+    argv = [trained[0] if a == "RUN" else tmp_path / "o" if a == "OUT" else a for a in argv]
+    one_line(capsys, *argv, "--train.max_steps=1", needles=(f"{argv[0]} takes no --section.key overrides",
+                                                              "--train.max_steps=1", "prepare, train and inspect"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_overrides_still_reach_inspect(capsys):
+    code, out, err = cli(capsys, "inspect", "gpt-tiny", "--model.n_layers=3", "--json")
+    assert code == 0, err
+    assert json.loads(out)["config"]["n_layers"] == 3
+
+
+@pytest.mark.parametrize("argv,needle", [(["models", "--bogus"], "unrecognized arguments: --bogus"),
+                                         (["generate", "x", "--prompt", "a", "--top-k", "many"], "--top-k"),
+                                         (["export", "x", "--format", "tar", "--out", "y"], "invalid choice"),
+                                         (["export", "x"], "required: --format, --out"),
+                                         (["frobnicate"], "invalid choice"), ([], "required")])
+def test_bad_command_line_is_one_line(capsys, argv, needle):
+    err = one_line(capsys, *argv, needles=(needle,))
+    assert "usage:" not in err
+
+
+def test_unknown_flag_is_one_line_from_the_shell(env):
+    proc = run_cli("models", "--bogus", env=env["env"])
+    one_line_error(proc, "unrecognized arguments: --bogus", "weightsmith models --help")
+    assert proc.stdout == ""
+
+
+def test_out_naming_an_existing_file(trained, tmp_path, capsys):
+    file = tmp_path / "taken.txt"
+    file.write_text("mine")
+    for cmd in (["export", trained[0], "--format", "hf"], ["quantize", trained[0], "--method", "int8"]):
+        one_line(capsys, *cmd, "--out", file, needles=(str(file), "already exists (a file)"))
+        one_line(capsys, *cmd, "--out", file / "sub", needles=(f"{file} is a file, not a directory",))
+    assert file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["taken.txt"]
+
+
+def test_models_into_a_closed_pipe_is_quiet():
+    """`weightsmith models | head` : the reader goes away before we write; no traceback, no stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "weightsmith.cli", "models"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the only read end: every write the child makes fails with EPIPE
+    err = proc.stderr.read()
+    assert proc.wait(timeout=600) == 1
+    assert err == b""
+
+
+def test_version_and_help(capsys):
+    code, out, _ = cli(capsys, "--version")
+    assert code == 0 and out == f"weightsmith {__version__}\n"
+    code, out, _ = cli(capsys, "train", "--help")
+    assert code == 0
+    assert "--section.key=value" in out and "--train.lr=3e-4" in out
+    assert "examples:" in out and "weightsmith train recipes/tiny.toml" in out
+    code, out, _ = cli(capsys, "quantize", "--help")
+    assert "(default: 64)" in out and "examples:" in out and "overrides" not in out
+    code, out, _ = cli(capsys, "--help")
+    assert "--section.key=value" in out and "--version" in out

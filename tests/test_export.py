@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -324,6 +325,46 @@ def test_cli_export_errors(runs, tmp_path, capsys):
     err = _cli_error(capsys, "export", run, "--format", "hf", "--out", str(tmp_path / "d"))
     assert "already exists" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "no_tok"]
+
+
+def test_out_naming_a_file_fails_before_any_work(runs, tmp_path, monkeypatch):
+    import weightsmith.train.checkpoint as ckpt
+
+    def no_loading(*a, **k):
+        raise AssertionError("the run was loaded before --out was checked")
+
+    monkeypatch.setattr(ckpt, "load_run", no_loading)
+    file = tmp_path / "model.gguf"
+    file.write_bytes(b"mine")
+    with pytest.raises(CheckpointError, match=r"already exists \(a file\)"):
+        export_run(runs["llama_byte"], "gguf", file)
+    with pytest.raises(CheckpointError, match="is a file, not a directory"):
+        export_run(runs["llama_byte"], "gguf", file / "sub" / "out")
+    assert file.read_bytes() == b"mine" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+
+
+@pytest.mark.parametrize("fmt,module", [("gguf", "gguf"), ("onnx", "onnx"), ("onnx", "onnxscript")])
+def test_cli_export_without_the_interop_extra(runs, tmp_path, capsys, monkeypatch, fmt, module):
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    err = _cli_error(capsys, "export", str(runs["llama_byte"]), "--format", fmt, "--out", str(tmp_path / "x"))
+    assert f"--format {fmt} needs the '{module}' package" in err
+    assert "pip install 'weightsmith[interop]'" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exporters_name_the_extra_at_their_import(runs, tmp_path, monkeypatch):
+    """Called directly (not through export_run), the exporters fail the same way."""
+    from weightsmith.errors import WeightsmithError
+    from weightsmith.ship.export_gguf import export_gguf
+    from weightsmith.ship.export_onnx import export_onnx
+
+    run = load_run(runs["llama_byte"])
+    for module, exporter in (("gguf", export_gguf), ("onnxscript", export_onnx)):
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, module, None)
+            with pytest.raises(WeightsmithError, match=r"weightsmith\[interop\]"):
+                exporter(run.model, run.tokenizer, tmp_path, "f32")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_export_ok(runs, tmp_path, capsys):

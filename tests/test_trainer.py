@@ -21,8 +21,9 @@ from weightsmith.train.loop import _read_metrics
 
 def _recipe(tmp_path, corpus, steps=60, ckpt_every=20):
     recipe = tmp_path / "r.toml"
-    recipe.write_text(RECIPE.format(corpus=corpus, tokenizer="char").replace("max_steps = 30", f"max_steps = {steps}")
-                      .replace("log_every = 5", "log_every = 1").replace("ckpt_every = 10", f"ckpt_every = {ckpt_every}"))
+    text = RECIPE.format(corpus=corpus, tokenizer="char").replace("max_steps = 30", f"max_steps = {steps}")
+    recipe.write_text(text.replace("log_every = 5", "log_every = 1").replace("ckpt_every = 10",
+                                                                             f"ckpt_every = {ckpt_every}"))
     return recipe
 
 

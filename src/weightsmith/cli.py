@@ -1,6 +1,6 @@
 """Command-line interface: a thin layer over the functions users import.
 
-    weightsmith prepare RECIPE [--force] [overrides]
+    weightsmith prepare RECIPE [--force] [--section.key=value ...]
     weightsmith train RECIPE [--out DIR] [--resume] [--print-config] [--section.key=value ...]
     weightsmith eval RUN_DIR
     weightsmith generate RUN_DIR --prompt TEXT | --prompts-file FILE [--draft RUN_DIR [--num-draft-tokens K]]
@@ -10,28 +10,119 @@
     weightsmith models [PATTERN]
     weightsmith inspect MODEL [--batch-size B] [--seq-len T] [--dtype D] [--optimizer adamw|sgd] [--json]
                               [--model.key=value ...]
+    weightsmith --version
 
-Errors a user can cause print one line, ``error: ...``, and exit with status 2.
+Dotted overrides (``--section.key=value``) are taken by prepare, train and inspect only; the other
+subcommands reject them. Errors a user can cause, bad arguments included, print one line,
+``error: ...``, and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 
-from weightsmith.errors import WeightsmithError
+from weightsmith import __version__
+from weightsmith.errors import TrainingInterrupted, WeightsmithError
+
+OVERRIDE_COMMANDS = ("prepare", "train", "inspect")
+
+OVERRIDES_HELP = """\
+overrides:
+  Any recipe field can be set on the command line as --section.key=value (the '=' is required):
+  sections are data, model, train, sample (and task). Values are read as TOML (3e-4, 200, true,
+  "text"); unknown sections or keys are rejected with the list of valid ones."""
+
+EXAMPLES = {
+    "prepare": """\
+examples:
+  weightsmith prepare recipes/tiny.toml
+  weightsmith prepare recipes/tiny.toml --data.tokenizer=char --force""",
+    "train": """\
+examples:
+  weightsmith train recipes/tiny.toml
+  weightsmith train recipes/tiny.toml --out runs/tiny --train.lr=3e-4 --train.max_steps=200
+  weightsmith train recipes/tiny.toml --model.n_layers=4 --print-config
+  weightsmith train recipes/tiny.toml --out runs/tiny --resume""",
+    "eval": """\
+example:
+  weightsmith eval runs/tiny""",
+    "generate": """\
+examples:
+  weightsmith generate runs/tiny --prompt "KING." --max-new-tokens 100 --temperature 0.8 --top-k 50
+  weightsmith generate runs/tiny --prompts-file prompts.txt --temperature 0
+  weightsmith generate runs/big --prompt "KING." --draft runs/tiny --num-draft-tokens 4""",
+    "export": """\
+examples:
+  weightsmith export runs/tiny --format hf --out exports/tiny-hf --dtype bf16
+  weightsmith export runs/tiny --format gguf --out exports/tiny-gguf --dtype q8_0
+  weightsmith export runs/tiny --format onnx --out exports/tiny-onnx
+gguf and onnx need the interop extra: pip install 'weightsmith[interop]'""",
+    "quantize": """\
+examples:
+  weightsmith quantize runs/tiny --method int8 --out runs/tiny-int8
+  weightsmith quantize runs/tiny --method gptq-int4 --group-size 128 --out runs/tiny-gptq""",
+    "models": """\
+examples:
+  weightsmith models
+  weightsmith models 'llama*'""",
+    "inspect": """\
+examples:
+  weightsmith inspect gpt2 --seq-len 512 --batch-size 8 --dtype bf16
+  weightsmith inspect recipes/tiny.toml --json
+  weightsmith inspect gpt --model.d_model=256 --model.n_layers=4""",
+}
+OVERRIDES_NOTE = {
+    "prepare": OVERRIDES_HELP + "\n  e.g. --data.vocab_size=512; only the [data] section matters here.",
+    "train": OVERRIDES_HELP + "\n  e.g. --train.lr=3e-4 --model.n_layers=4; --print-config shows the result.",
+    "inspect": "overrides:\n  --model.key=value sets a [model] field, e.g. --model.n_layers=4 (no other sections).",
+}
 
 
-def _split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[str]:
+class _UsageError(WeightsmithError):
+    """A bad command line (unknown flag, missing or invalid argument)."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (unless it is None or a flag's False), keeps the examples' line breaks."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one ``error: ...`` line (the CLI's rule), not usage + error.
+
+    ``add_subparsers`` makes the subcommand parsers of the same class, so this covers them too.
+    """
+
+    def error(self, message: str):
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _split_overrides(extra: list[str], command: str) -> list[str]:
+    """The unparsed arguments -> dotted overrides, for the subcommands that take them.
+
+    Raises:
+        _UsageError: an argument that is not an override, or overrides given to another subcommand.
+    """
     bad = [a for a in extra if not (a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a)]
     if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like --train.max_steps=200)")
+        hint = "; overrides look like --train.max_steps=200" if command in OVERRIDE_COMMANDS else ""
+        raise _UsageError(f"unrecognized arguments: {' '.join(bad)}{hint} (see 'weightsmith {command} --help')")
+    if extra and command not in OVERRIDE_COMMANDS:
+        raise _UsageError(f"{command} takes no --section.key overrides; only prepare, train and inspect take "
+                          f"them (got {' '.join(extra)})")
     return extra
 
 
 def _cmd_prepare(args, overrides) -> int:
+    """Data stage only: corpus -> tokenizer -> token shards (cached by content)."""
     from weightsmith.data.prepare import prepare
     from weightsmith.recipe import load_recipe
 
@@ -43,6 +134,7 @@ def _cmd_prepare(args, overrides) -> int:
 
 
 def _cmd_train(args, overrides) -> int:
+    """Prepare, train, evaluate and sample into a new run directory."""
     from weightsmith.config import dump_toml
     from weightsmith.recipe import load_recipe
     from weightsmith.train.loop import train
@@ -56,6 +148,7 @@ def _cmd_train(args, overrides) -> int:
 
 
 def _cmd_eval(args, overrides) -> int:
+    """Evaluate a run on its whole validation split -> RUN_DIR/eval.json (printed)."""
     from weightsmith.eval.run import evaluate_run
 
     result = evaluate_run(args.run_dir)
@@ -63,21 +156,29 @@ def _cmd_eval(args, overrides) -> int:
     return 0
 
 
+def _check_generate_args(args) -> None:
+    """The one-line errors that need no run directory, so they come before any loading."""
+    if args.max_new_tokens < 1:
+        raise WeightsmithError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.draft and args.prompts_file:
+        raise WeightsmithError("--draft takes one --prompt, not --prompts-file: speculative decoding runs one "
+                               "sequence at a time")
+    if args.num_draft_tokens < 1:
+        raise WeightsmithError(f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}")
+
+
 def _cmd_generate(args, overrides) -> int:
+    """Sample text from a run with a KV cache (batched with --prompts-file, speculative with --draft)."""
     from pathlib import Path
 
     from weightsmith.ship.fuse import fuse_projections
     from weightsmith.ship.generate import generate_text
     from weightsmith.train.checkpoint import load_run
 
+    _check_generate_args(args)
     run = load_run(args.run_dir)
     fuse_projections(run.model)  # inference only: q/k/v and gate/up as one matmul each (same outputs)
     sampling = (args.temperature, args.top_k, args.top_p, args.seed)
-    if args.draft and args.prompts_file:
-        raise WeightsmithError("--draft takes one --prompt, not --prompts-file: speculative decoding runs one "
-                               "sequence at a time")
-    if args.num_draft_tokens < 1:
-        raise WeightsmithError(f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}")
     try:
         if args.prompts_file:
             from weightsmith.ship.batch import generate_texts
@@ -108,6 +209,7 @@ def _cmd_generate(args, overrides) -> int:
 
 
 def _cmd_export(args, overrides) -> int:
+    """Export a run to Hugging Face, GGUF (llama.cpp) or ONNX, written atomically."""
     from weightsmith.ship.export import export_run
 
     out = export_run(args.run_dir, args.format, args.out, args.dtype)
@@ -116,14 +218,18 @@ def _cmd_export(args, overrides) -> int:
 
 
 def _cmd_quantize(args, overrides) -> int:
+    """Weight-only int8 / int4 / GPTQ-int4 quantization into a new run directory."""
+    from weightsmith.ship.export import check_new_output
     from weightsmith.ship.quantize import quantize_run
 
+    check_new_output(args.out, "quantize")  # before loading, measuring and quantizing
     result = quantize_run(args.run_dir, args.method, args.out, args.group_size)
     print(json.dumps(result, indent=2))
     return 0
 
 
 def _cmd_models(args, overrides) -> int:
+    """List registered families and presets whose names match PATTERN."""
     from weightsmith.registry import get_preset, list_families, list_models
 
     families = set(list_families())
@@ -137,6 +243,7 @@ def _cmd_models(args, overrides) -> int:
 
 
 def _cmd_inspect(args, overrides) -> int:
+    """Parameters, FLOPs and memory per module (the model is built on the meta device)."""
     from weightsmith.analysis.inspect import format_report, inspect_model
 
     report = inspect_model(args.model, batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype,
@@ -146,82 +253,107 @@ def _cmd_inspect(args, overrides) -> int:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
-    parser = argparse.ArgumentParser(prog="weightsmith", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="weightsmith", description=__doc__.split("\n")[0], formatter_class=_HelpFormatter,
+                     epilog="Run 'weightsmith COMMAND --help' for a command's options, defaults and examples.\n"
+                            "prepare, train and inspect also take dotted overrides: --section.key=value,\n"
+                            "e.g. weightsmith train recipes/tiny.toml --train.lr=3e-4")
+    parser.add_argument("--version", action="version", version=f"weightsmith {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     handlers: dict[str, Callable] = {}
 
-    p = sub.add_parser("prepare", help="data stage only: corpus -> tokenizer -> token shards (cached)")
+    def add(name: str, handler: Callable, help_suffix: str = "") -> argparse.ArgumentParser:
+        doc = handler.__doc__.strip()
+        epilog = "\n\n".join(x for x in (OVERRIDES_NOTE.get(name), EXAMPLES[name]) if x)
+        handlers[name] = handler
+        return sub.add_parser(name, help=doc[0].lower() + doc[1:].rstrip(".") + help_suffix, description=doc,
+                              epilog=epilog, formatter_class=_HelpFormatter)
+
+    p = add("prepare", _cmd_prepare, "; dotted overrides allowed")
     p.add_argument("recipe", help="recipe TOML file")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
-    handlers["prepare"] = _cmd_prepare
 
-    p = sub.add_parser("train", help="prepare, train, evaluate and sample; dotted overrides allowed")
+    p = add("train", _cmd_train, "; dotted overrides allowed")
     p.add_argument("recipe", help="recipe TOML file")
-    p.add_argument("--out", help="run directory (default runs/RECIPE-TIMESTAMP); never overwritten")
+    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/RECIPE-TIMESTAMP); never overwritten")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    handlers["train"] = _cmd_train
 
-    p = sub.add_parser("eval", help="evaluate a run on its whole validation split -> RUN_DIR/eval.json")
-    p.add_argument("run_dir")
-    handlers["eval"] = _cmd_eval
+    p = add("eval", _cmd_eval)
+    p.add_argument("run_dir", help="run directory written by train")
 
-    p = sub.add_parser("generate", help="sample text from a run with a KV cache")
-    p.add_argument("run_dir")
+    p = add("generate", _cmd_generate)
+    p.add_argument("run_dir", help="run directory written by train (or quantize)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt")
-    src.add_argument("--prompts-file", help="one prompt per line, generated as one left-padded batch")
-    p.add_argument("--draft", help="draft run directory for speculative decoding (same tokenizer)")
-    p.add_argument("--num-draft-tokens", type=int, default=4, help="tokens the draft proposes per round")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    handlers["generate"] = _cmd_generate
+    src.add_argument("--prompt", metavar="TEXT", help="the text to continue")
+    src.add_argument("--prompts-file", metavar="FILE", help="one prompt per line, generated as one left-padded batch")
+    p.add_argument("--draft", metavar="RUN_DIR", help="draft run directory for speculative decoding (same tokenizer)")
+    p.add_argument("--num-draft-tokens", type=int, metavar="K", default=4, help="tokens the draft proposes per round")
+    p.add_argument("--max-new-tokens", type=int, metavar="N", default=200,
+                   help="exactly this many new tokens (>= 1); past the model's max_seq_len each token is "
+                        "conditioned on the last max_seq_len tokens (a sliding window, slower per token)")
+    p.add_argument("--temperature", type=float, metavar="T", default=0.8, help="divide the logits by T; 0 = greedy")
+    p.add_argument("--top-k", type=int, metavar="K", default=None, help="sample from the k most likely tokens only")
+    p.add_argument("--top-p", type=float, metavar="P", default=None,
+                   help="nucleus sampling: the smallest set with mass >= p")
+    p.add_argument("--seed", type=int, metavar="S", default=0, help="seed of the sampler (same seed, same text)")
 
-    p = sub.add_parser("export", help="export a run to Hugging Face, GGUF (llama.cpp) or ONNX, atomically")
-    p.add_argument("run_dir")
-    p.add_argument("--format", required=True, choices=["hf", "gguf", "onnx"])
-    p.add_argument("--out", required=True, help="new output directory; never overwritten")
-    p.add_argument("--dtype", default="f32", help="f32, f16, bf16 (hf), q8_0, q4_0 (gguf); default f32")
-    handlers["export"] = _cmd_export
+    p = add("export", _cmd_export)
+    p.add_argument("run_dir", help="run directory written by train (or quantize)")
+    p.add_argument("--format", required=True, choices=["hf", "gguf", "onnx"], help="output format")
+    p.add_argument("--out", required=True, metavar="DIR", help="new output directory; never overwritten")
+    p.add_argument("--dtype", default="f32", help="weights: f32, f16, bf16 (hf, f16 gguf), q8_0, q4_0 (gguf)")
 
-    p = sub.add_parser("quantize", help="weight-only int8 / int4 / GPTQ-int4 quantization into a new run directory")
-    p.add_argument("run_dir")
-    p.add_argument("--method", required=True, choices=["int8", "int4", "gptq-int4"])
-    p.add_argument("--group-size", type=int, default=64, help="input columns per scale for int4 (default 64)")
-    p.add_argument("--out", required=True, help="new run directory; never overwritten")
-    handlers["quantize"] = _cmd_quantize
+    p = add("quantize", _cmd_quantize)
+    p.add_argument("run_dir", help="run directory written by train")
+    p.add_argument("--method", required=True, choices=["int8", "int4", "gptq-int4"], help="quantization method")
+    p.add_argument("--group-size", type=int, metavar="G", default=64,
+                   help="input columns per scale for int4 and gptq-int4")
+    p.add_argument("--out", required=True, metavar="DIR", help="new run directory; never overwritten")
 
-    p = sub.add_parser("models", help="list registered families and presets")
-    p.add_argument("pattern", nargs="?", default="*")
-    handlers["models"] = _cmd_models
+    p = add("models", _cmd_models)
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'llama*'")
 
-    p = sub.add_parser("inspect", help="parameters, FLOPs and memory per module (model built on the meta device)")
+    p = add("inspect", _cmd_inspect, "; --model.key=value overrides allowed")
     p.add_argument("model", help="preset or family name, recipe TOML, or run directory")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=None, help="default: the model's max_seq_len")
+    p.add_argument("--batch-size", type=int, metavar="B", default=1, help="sequences per step for activation memory")
+    p.add_argument("--seq-len", type=int, metavar="T", default=None,
+                   help="tokens per sequence (default: the model's max_seq_len)")
     p.add_argument("--dtype", default="float32", help="float32, bf16, fp16... for every byte count")
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "sgd-momentum"])
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "sgd-momentum"],
+                   help="optimizer whose state is counted")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
-    handlers["inspect"] = _cmd_inspect
 
     return parser, handlers
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default ``sys.argv[1:]``) and return the exit status: 0; 2 for a user
+    error (one ``error: ...`` line on stderr); 1 when stdout's reader went away; 130 on Ctrl-C."""
     parser, handlers = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    overrides = _split_overrides(extra, parser)
     try:
-        return handlers[args.command](args, overrides)
+        try:
+            args, extra = parser.parse_known_args(argv)
+        except SystemExit as e:  # --help / --version printed their text and asked to exit
+            return e.code if isinstance(e.code, int) else 0
+        overrides = _split_overrides(extra, args.command)
+        code = handlers[args.command](args, overrides)
+        sys.stdout.flush()  # a closed pipe (weightsmith models | head) raises here, inside the handler below
+        return code
+    except TrainingInterrupted as e:  # SIGINT/SIGTERM: the last step is checkpointed; say how to resume
+        print(f"interrupted: {e}", file=sys.stderr)
+        return e.exit_code
     except WeightsmithError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
         print(f"error: file not found: {e.filename or e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader closed the pipe early: the recipe in Python's signal docs. Point stdout at devnull so
+        # the interpreter's final flush cannot fail again, and exit 1 as Python does on EPIPE.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -229,4 +361,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

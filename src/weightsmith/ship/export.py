@@ -21,6 +21,7 @@ complete. An existing ``DIR`` is never overwritten.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -39,6 +40,9 @@ FORMATS: dict[str, tuple[str, ...]] = {
 }
 DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 EXPORT_META = "export.json"
+# the optional packages each format imports, all in the ``interop`` extra
+INTEROP_MODULES: dict[str, tuple[str, ...]] = {"hf": (), "gguf": ("gguf",), "onnx": ("onnx", "onnxscript")}
+INTEROP_HINT = "pip install 'weightsmith[interop]'"
 
 
 def check_export_args(fmt: str, dtype: str) -> None:
@@ -52,6 +56,38 @@ def check_export_args(fmt: str, dtype: str) -> None:
                                f"{fmt} supports {', '.join(FORMATS[fmt])}")
 
 
+def import_interop(module: str, fmt: str):
+    """Import the optional ``module`` that ``--format fmt`` needs and return it.
+
+    Raises:
+        WeightsmithError: if it is not installed, naming the extra that provides it.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise WeightsmithError(f"--format {fmt} needs the {module!r} package, which is not installed; "
+                               f"install it with: {INTEROP_HINT}") from None
+
+
+def check_new_output(out: str | Path, what: str = "an export") -> Path:
+    """Check, before any work, that ``out`` can become a new directory; returns it as a Path.
+
+    Raises:
+        CheckpointError: ``out`` exists (as a file or a directory), or its nearest existing ancestor is a
+            file or not writable.
+    """
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        kind = "directory" if out.is_dir() else "file"
+        raise CheckpointError(f"--out {out} already exists (a {kind}); {what} never overwrites, choose a new path")
+    parent = next(p for p in out.absolute().parents if p.exists())  # the nearest existing ancestor
+    if not parent.is_dir():
+        raise CheckpointError(f"--out {out}: {parent} is a file, not a directory; choose a path in a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"--out {out}: {parent} is not writable; choose a path you can write to")
+    return out
+
+
 @contextmanager
 def atomic_output_dir(out: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``out``; on success fsync it and rename it to ``out``.
@@ -61,9 +97,7 @@ def atomic_output_dir(out: str | Path) -> Iterator[Path]:
     Raises:
         CheckpointError: if ``out`` already exists (before writing, or when renaming).
     """
-    out = Path(out)
-    if out.exists():
-        raise CheckpointError(f"--out {out} already exists; an export never overwrites, choose a new path")
+    out = check_new_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -88,9 +122,13 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, dtype: str = "f32
     Returns:
         ``out`` as a Path, complete.
 
+    Every check below runs before the checkpoint is loaded.
+
     Raises:
-        WeightsmithError: unsupported format/dtype combination.
-        CheckpointError: ``out`` exists, or ``run_dir`` is not a run / its checkpoint is corrupt.
+        WeightsmithError: unsupported format/dtype combination, or the format's optional packages (the
+            ``interop`` extra) are not installed.
+        CheckpointError: ``out`` exists (file or directory) or lies under a file, or ``run_dir`` is not a
+            run / its checkpoint is corrupt.
         DataError: the run has no ``tokenizer.json``.
         ConfigError: the model cannot be expressed in ``fmt`` (names the field).
     """
@@ -98,9 +136,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, dtype: str = "f32
     from weightsmith.train.checkpoint import load_run
 
     check_export_args(fmt, dtype)
-    run_dir, out = Path(run_dir), Path(out)
-    if out.exists():
-        raise CheckpointError(f"--out {out} already exists; an export never overwrites, choose a new path")
+    run_dir, out = Path(run_dir), check_new_output(out)
     if not (run_dir / "config.toml").is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.toml)")
     if not (run_dir / TOKENIZER_FILE).is_file():
@@ -108,12 +144,12 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, dtype: str = "f32
     family = run_dir_family(run_dir)
     if family != "gpt":
         raise ConfigError(f"model.family={family!r} cannot be exported yet; only 'gpt' can")
+    exporter = _exporter(fmt)
     run = load_run(run_dir)
     if "quantization" in run.config:  # exporters take float weights: dequantize (the rounding error stays)
         from weightsmith.ship.quantize import dequantize_model
 
         dequantize_model(run.model)
-    exporter = _exporter(fmt)
     with atomic_output_dir(out) as tmp:
         exporter(run.model, run.tokenizer, tmp, dtype)
         meta = {"format": fmt, "dtype": dtype, "run_dir": str(run_dir.resolve()),
@@ -129,6 +165,8 @@ def run_dir_family(run_dir: Path) -> str:
 
 
 def _exporter(fmt: str):
+    for module in INTEROP_MODULES[fmt]:  # fail with the install hint before any work
+        import_interop(module, fmt)
     if fmt == "hf":
         from weightsmith.ship.export_hf import export_hf
 

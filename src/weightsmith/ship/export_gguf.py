@@ -209,8 +209,11 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out_dir: Path, dtype: st
 
     Raises:
         ConfigError: the config fits neither llama.cpp architecture, or the vocabulary does not match.
+        WeightsmithError: the ``gguf`` package (the ``interop`` extra) is not installed.
     """
-    import gguf
+    from weightsmith.ship.export import import_interop
+
+    gguf = import_interop("gguf", "gguf")
 
     cfg = model.config
     arch = gguf_arch(cfg)

@@ -57,11 +57,15 @@ def export_onnx(model: nn.Module, tokenizer: Any, out_dir: Path, dtype: str = "f
 
     Raises:
         ValueError: for any other dtype (the CLI rejects it earlier with a one-line error).
+        WeightsmithError: ``onnx`` or ``onnxscript`` (the ``interop`` extra) is not installed.
     """
+    from weightsmith.ship.export import INTEROP_MODULES, import_interop
     from weightsmith.ship.export_hf import hf_tokenizer
 
     if dtype != "f32":
         raise ValueError(f"ONNX export supports f32 only, got {dtype}")
+    for module in INTEROP_MODULES["onnx"]:  # torch.onnx.export(dynamo=True) imports both
+        import_interop(module, "onnx")
     cfg = model.config
     graph = _LogitsGraph(model.float().cpu().eval())
     example = torch.zeros(2, min(8, cfg.max_seq_len), dtype=torch.long)

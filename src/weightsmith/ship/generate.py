@@ -6,6 +6,17 @@ Sampling (applied in this order to the last position's logits):
 - top-p (nucleus): keep the smallest set of tokens whose probability sums to at least p (Holtzman et
   al. 2020).
 A ``torch.Generator`` seeded by the caller makes sampling reproducible.
+
+Context window: every new token is conditioned on the last ``max_seq_len`` tokens so far, at positions
+``0 .. max_seq_len - 1``, as in nanoGPT's ``generate`` (which crops to the last ``block_size`` tokens),
+so any number of new tokens can be generated. While the sequence fits, a preallocated KV cache makes
+each step one single-token forward. Once it is longer than ``max_seq_len`` the window slides by one
+token per step, which shifts every position and invalidates the whole cache (the keys of deeper layers
+depend on the dropped tokens), so each further token costs one cache-free forward over ``max_seq_len``
+tokens: about the cost of a prefill rather than a decode step. We pay that for exactness: the output
+equals a naive loop of full forwards over the last ``max_seq_len`` tokens (tests check). A cheaper
+scheme (crop to a shorter window and re-prefill only every few steps) would condition some tokens on
+less context than the model allows.
 """
 
 from __future__ import annotations
@@ -42,29 +53,61 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 def generate(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Continue ``prompt`` (B, T0) of equal-length prompts by ``max_new_tokens`` tokens with a KV cache.
+    """Continue ``prompt`` (B, T0) of equal-length prompts by exactly ``max_new_tokens`` tokens.
+
+    Each new token is sampled from the model conditioned on the last ``max_seq_len`` tokens so far (see
+    the module docstring: a KV cache while the sequence fits, a sliding window after that); a prompt
+    longer than ``max_seq_len`` is read through its last ``max_seq_len`` tokens.
 
     Returns:
         (B, T0 + max_new_tokens) token ids (prompt included).
 
     Raises:
-        ValueError: if the total length exceeds the model's ``max_seq_len``.
+        ValueError: if ``max_new_tokens`` is negative.
     """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     B, T0 = prompt.shape
     total = T0 + max_new_tokens
-    max_len = model.config.max_seq_len
-    if total > max_len:
-        raise ValueError(f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={max_len}")
-    cache = model.new_cache(B, total)
+    L = model.config.max_seq_len
     out = torch.empty(B, total, dtype=torch.long, device=prompt.device)
     out[:, :T0] = prompt
-    logits = model(prompt, cache=cache, start=0, last_only=True)[:, -1]  # prefill, (B, V)
+    if max_new_tokens == 0:
+        return out
+    cache = model.new_cache(B, min(total, L)) if T0 <= L else None
+    if cache is not None:
+        logits = model(prompt, cache=cache, start=0, last_only=True)[:, -1]  # prefill, (B, V)
+    else:
+        logits = window_logits(model, out, T0)
     for t in range(T0, total):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         out[:, t] = nxt
-        if t + 1 < total:
+        if t + 1 == total:
+            break
+        if t + 1 <= L:  # the context out[:, :t + 1] still fits: one cached step
             logits = model(nxt[:, None], cache=cache, start=t)[:, -1]
+        else:
+            logits = window_logits(model, out, t + 1)
     return out
+
+
+def window_logits(model: torch.nn.Module, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Next-token logits (B, V) after ``ids[:, :n]`` from one cache-free forward over its last
+    ``max_seq_len`` tokens, at positions ``0 .. max_seq_len - 1`` (ids: (B, >= n) int64)."""
+    L = model.config.max_seq_len
+    return model(ids[:, max(n - L, 0):n], last_only=True)[:, -1]
+
+
+def check_text_prompt(n_tokens: int, max_seq_len: int, max_new_tokens: int) -> None:
+    """The text-level checks shared by the ``*_text`` functions.
+
+    Raises:
+        ValueError: ``max_new_tokens`` < 0, or a prompt of ``n_tokens`` tokens longer than ``max_seq_len``.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if n_tokens > max_seq_len:
+        raise ValueError(f"prompt is {n_tokens} tokens, longer than max_seq_len={max_seq_len}; shorten it")
 
 
 def generate_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 200,
@@ -72,16 +115,16 @@ def generate_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens
                   seed: int = 0) -> str:
     """Decode a continuation of ``prompt`` (text in, prompt + continuation text out).
 
-    If prompt + continuation would exceed ``max_seq_len``, ``max_new_tokens`` is reduced to fit.
+    Exactly ``max_new_tokens`` tokens are generated, past ``max_seq_len`` too (sliding window, see
+    :func:`generate`).
 
     Raises:
-        ValueError: if the prompt alone does not fit in ``max_seq_len``.
+        ValueError: if ``max_new_tokens`` is negative, or the prompt alone is longer than ``max_seq_len``
+            tokens (it would be cut, and its start silently ignored).
     """
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt) or [0]
-    if len(ids) >= model.config.max_seq_len:
-        raise ValueError(f"prompt is {len(ids)} tokens; max_seq_len is {model.config.max_seq_len}")
-    max_new_tokens = min(max_new_tokens, model.config.max_seq_len - len(ids))
+    check_text_prompt(len(ids), model.config.max_seq_len, max_new_tokens)
     g = torch.Generator(device=device).manual_seed(seed)
     out = generate(model, torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, generator=g)

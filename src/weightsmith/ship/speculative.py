@@ -21,6 +21,13 @@ KV-cache rollback: the caches are position-indexed (models/layers/attention.py w
 ``[start, start + T)`` and reads ``[0, start + T)``), so rejected positions are never read again: the
 next round simply writes from the first stale position. Each model tracks how many leading positions
 of its cache are valid and feeds the not-yet-cached tokens as one chunk.
+
+Past the context window: the caches are only valid while the sequence fits in ``max_seq_len`` (after
+that the window slides and every position shifts; see weightsmith.ship.generate). A round drafts at most
+as many tokens as keep both models inside their windows; once no token can be drafted, each remaining
+token is one plain target step: cached while the target's window holds the whole sequence, then one
+cache-free forward over its last ``max_seq_len`` tokens. Speculation then saves nothing (verifying k
+drafts would need k + 1 different windows), so the stats count these as rounds with nothing drafted.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import time
 
 import torch
 
-from weightsmith.ship.generate import filter_logits
+from weightsmith.ship.generate import filter_logits, window_logits
 
 
 def _probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -68,38 +75,57 @@ def speculative_generate(target: torch.nn.Module, draft: torch.nn.Module, prompt
                          max_new_tokens: int, *, num_draft_tokens: int = 4, temperature: float = 1.0,
                          top_k: int | None = None, top_p: float | None = None,
                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-    """Continue ``prompt`` (1, T0) by ``max_new_tokens`` tokens with draft-then-verify rounds.
+    """Continue ``prompt`` (1, T0) by exactly ``max_new_tokens`` tokens with draft-then-verify rounds.
+
+    Past either model's ``max_seq_len`` the rounds stop drafting (see the module docstring): each
+    remaining token is one target step over the target's last ``max_seq_len`` tokens, as in
+    :func:`weightsmith.ship.generate.generate`, so the output is still distributed as the target's own.
 
     Returns:
         (token ids (1, T0 + max_new_tokens), stats) with stats ``{"rounds", "drafted", "accepted",
         "acceptance_rate" (accepted / drafted), "target_forwards", "tokens_per_round", "seconds"}``.
 
     Raises:
-        ValueError: batch size other than 1, different vocabularies, or a total length over either
-            model's ``max_seq_len``.
+        ValueError: batch size other than 1, different vocabularies, or a negative ``max_new_tokens``.
     """
     if prompt.shape[0] != 1:
         raise ValueError(f"speculative decoding runs one sequence at a time, got batch {prompt.shape[0]}")
     if target.config.vocab_size != draft.config.vocab_size:
         raise ValueError(f"draft vocab_size {draft.config.vocab_size} != target vocab_size "
                          f"{target.config.vocab_size}; the models must share a tokenizer")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     k = num_draft_tokens
     T0 = prompt.shape[1]
     total = T0 + max_new_tokens
-    limit = min(target.config.max_seq_len, draft.config.max_seq_len)
-    if total > limit:
-        raise ValueError(f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={limit}")
+    t_max, d_max = target.config.max_seq_len, draft.config.max_seq_len
     greedy = temperature <= 0.0
     t0 = time.perf_counter()
     out = torch.empty(total, dtype=torch.long, device=prompt.device)
     out[:T0] = prompt[0]
-    # cache room for the furthest write: up to k draft tokens past the last emitted position
-    t_cache, d_cache = target.new_cache(1, total + k), draft.new_cache(1, total + k)
+    # cache room for the furthest write: up to k draft tokens past the last emitted position, inside the window
+    t_cache, d_cache = target.new_cache(1, min(total + k, t_max)), draft.new_cache(1, min(total + k, d_max))
     t_len = d_len = 0  # leading cache positions holding the tokens out[:len]
     n = T0
     stats = {"rounds": 0, "drafted": 0, "accepted": 0, "target_forwards": 0}
     while n < total:
-        kk = min(k, total - n - 1)  # the round emits at most kk + 1 tokens
+        # the round emits at most kk + 1 tokens; the draft reads positions < n + kk - 1 and the target
+        # positions < n + kk, which must stay inside each model's window for the caches to be valid
+        kk = min(k, total - n - 1, d_max - n + 1, t_max - n)
+        if kk <= 0:  # nothing to draft: one target step (cached while out[:n] fits, else a sliding window)
+            if n <= t_max:
+                logits = target(out[t_len:n][None], cache=t_cache, start=t_len, last_only=True)[0, -1]
+                t_len = n
+            else:
+                logits = window_logits(target, out[None], n)[0]
+            stats["target_forwards"] += 1
+            if greedy:
+                out[n] = logits.argmax(-1)
+            else:
+                out[n] = torch.multinomial(_probs(logits, temperature, top_k, top_p), 1, generator=generator)[0]
+            n += 1
+            stats["rounds"] += 1
+            continue
         # draft: catch up on uncached tokens (one chunk), then propose kk tokens
         drafted = torch.empty(kk, dtype=torch.long, device=prompt.device)
         q_rows = []
@@ -114,7 +140,7 @@ def speculative_generate(target: torch.nn.Module, draft: torch.nn.Module, prompt
             drafted[i] = tok
             if i + 1 < kk:
                 logits = draft(tok.view(1, 1), cache=d_cache, start=d_len + i)[0, -1]
-        d_len += max(kk - 1, 0)  # the last drafted token was not fed to the draft
+        d_len += kk - 1  # the last drafted token was not fed to the draft
         # target: uncached tokens + the draft, one forward -> logits for positions n .. n + kk
         chunk = torch.cat([out[t_len:n], drafted])[None]
         t_logits = target(chunk, cache=t_cache, start=t_len)[0, -(kk + 1):]  # (kk + 1, V)
@@ -126,8 +152,7 @@ def speculative_generate(target: torch.nn.Module, draft: torch.nn.Module, prompt
             nxt = int(want[m])
         else:
             p = _probs(t_logits, temperature, top_k, top_p)
-            q = torch.stack(q_rows) if q_rows else p.new_zeros(0, p.shape[-1])
-            m, nxt = verify(p, q, drafted, generator)
+            m, nxt = verify(p, torch.stack(q_rows), drafted, generator)
         out[n:n + m] = drafted[:m]
         out[n + m] = nxt
         t_len = n + m  # the target cached out[.. n + kk): the accepted prefix stays valid
@@ -147,20 +172,19 @@ def speculative_text(target: torch.nn.Module, draft: torch.nn.Module, tokenizer,
                      top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> tuple[str, dict]:
     """Text in, (prompt + continuation, stats) out; stats add the target-alone time and ``speedup``.
 
+    Exactly ``max_new_tokens`` tokens are generated (sliding window past ``max_seq_len``).
+
     ``speedup`` = target-alone seconds / speculative seconds for the same prompt and length (same sampling
     settings, greedy or not; the two runs' samples differ unless greedy).
 
     Raises:
-        ValueError: as :func:`speculative_generate`, or a prompt that does not fit.
+        ValueError: as :func:`speculative_generate`, or a prompt longer than the target's ``max_seq_len``.
     """
-    from weightsmith.ship.generate import generate
+    from weightsmith.ship.generate import check_text_prompt, generate
 
     device = next(target.parameters()).device
     ids = tokenizer.encode(prompt) or [0]
-    limit = min(target.config.max_seq_len, draft.config.max_seq_len)
-    if len(ids) >= limit:
-        raise ValueError(f"prompt is {len(ids)} tokens; max_seq_len is {limit}")
-    max_new_tokens = min(max_new_tokens, limit - len(ids))
+    check_text_prompt(len(ids), target.config.max_seq_len, max_new_tokens)
     x = torch.tensor([ids], device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     out, stats = speculative_generate(target, draft, x, max_new_tokens, num_draft_tokens=num_draft_tokens,

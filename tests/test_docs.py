@@ -19,6 +19,8 @@ from typing import Literal
 
 import pytest
 
+from weightsmith.errors import WeightsmithError
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS_IN_ORDER = [ROOT / "README.md", ROOT / "docs" / "serving.md", ROOT / "docs" / "results.md",
                  ROOT / "docs" / "config.md"]
@@ -131,8 +133,8 @@ def test_doc_weightsmith_commands_parse_with_the_cli(capsys):
             continue
         try:
             _, extra = parser.parse_known_args(args)
-        except SystemExit:
-            pytest.fail(f"{where}: `weightsmith {' '.join(args)}` does not parse: {capsys.readouterr().err}")
+        except (SystemExit, WeightsmithError) as e:
+            pytest.fail(f"{where}: `weightsmith {' '.join(args)}` does not parse: {e} {capsys.readouterr().err}")
         bad = [a for a in extra if not re.fullmatch(r"--\w+\.\w+=.*", a)]
         assert not bad, f"{where}: `weightsmith {' '.join(args)}`: unknown arguments {bad}"
         checked += 1

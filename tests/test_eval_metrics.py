@@ -74,3 +74,32 @@ def test_every_token_but_the_first_is_predicted_once(n, seq_len):
 def test_bits_per_byte_formula():
     assert bits_per_byte(math.log(2) * 100, 100) == pytest.approx(1.0)
     assert bits_per_byte(math.log(2) * 300, 100) == pytest.approx(3.0)
+
+
+# ---------------------------------------------------------------------------------- evaluating a run
+
+
+def test_eval_refuses_a_run_whose_corpus_changed(tiny_corpus, tmp_path, cache_dir, capsys):
+    """`weightsmith eval RUN` rebuilds the data from config.toml; if the corpus file changed since
+    training it must not score the model on other text: one error line, exit 2, eval.json untouched."""
+    import json
+    import shutil
+
+    from weightsmith.cli import main
+    from weightsmith.train.loop import train
+
+    corpus = tmp_path / "corpus.txt"
+    shutil.copyfile(tiny_corpus, corpus)
+    run = train("recipes/tiny.toml", [f"--data.corpus={corpus}", "--train.max_steps=3", "--sample.max_new_tokens=1"],
+                out=tmp_path / "run", log=lambda *a: None)
+    assert main(["eval", str(run)]) == 0  # the unchanged corpus evaluates
+    before = (run / "eval.json").read_bytes()
+    expected = json.loads((run / "manifest.json").read_text())["data"]["text_sha256"]
+    capsys.readouterr()
+
+    corpus.write_text(corpus.read_text().replace("KING", "DUKE"))  # same byte tokenizer, other text
+    assert main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert str(run / "manifest.json") in err[0] and f"expected {expected}" in err[0] and "found " in err[0]
+    assert (run / "eval.json").read_bytes() == before

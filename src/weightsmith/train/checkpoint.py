@@ -228,4 +228,5 @@ def load_run(run_dir: str | Path, device: str = "cpu", checkpoint: Path | None =
         apply_quantization(model, q["method"], q.get("group_size") or 64)
     load_weights(model, checkpoint)
     model.eval()
-    return LoadedRun(run_dir, tree, model, load_tokenizer(run_dir), checkpoint)
+    tokenizer = load_tokenizer(run_dir) if (run_dir / "tokenizer.json").is_file() else None  # None: not text
+    return LoadedRun(run_dir, tree, model, tokenizer, checkpoint)

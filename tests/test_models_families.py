@@ -72,18 +72,19 @@ def _forward(model, fam, x):
     raise AssertionError(fam)
 
 
-@pytest.mark.parametrize("name", list_models())
-def test_registry_contract(name):
-    fam, cfg = resolve(name)
-    meta = create_model(name, device="meta")
-    assert sum(p.numel() for p in meta.parameters()) == count_params(fam.name, cfg)
+TEXT_PRESETS = [n for n in list_models() if resolve(n)[0].name in ("gpt", "bert", "t5")]
 
+
+@pytest.mark.parametrize("name", TEXT_PRESETS)
+def test_text_presets_shrunk_keep_their_structure_and_train(name):
+    """Every gpt/bert/t5 preset at distinct tiny sizes, with its structural choices (GQA, MoE, ...) kept.
+    The family-independent contract over the whole registry is tests/test_contract.py."""
     torch.manual_seed(0)
     tiny = create_model(name, **_tiny_overrides(name))
     fam_t, cfg_t = resolve(name, _tiny_overrides(name))
     assert sum(p.numel() for p in tiny.parameters()) == count_params(fam_t.name, cfg_t)
     x = torch.randint(0, 61, (3, 11))
-    out, shape, loss = _forward(tiny, fam.name, x)
+    out, shape, loss = _forward(tiny, fam_t.name, x)
     assert out.shape == shape
     assert torch.isfinite(out).all()
     loss.backward()

@@ -35,6 +35,7 @@ class Row:
 
     path: str
     kind: str  # embedding | norm | attention | cross_attention | mlp | router | experts | head | pooler | bias
+    #            vision (components_vision.py): conv | linear | activation | pool | residual | layer_scale | dropout
     weights: tuple[tuple[str, Shape], ...] = ()
     stream: str = "main"  # main | src | seq
     mm: int = 0  # matmul weight elements used per token (2 * mm = forward FLOPs per token)
@@ -44,12 +45,14 @@ class Row:
     act: float = 0.0  # saved floating activations, elements per token
     act_src: float = 0.0  # ... per source token
     act_ctx: float = 0.0  # ... per token per context position (attention probabilities on the math path)
-    act_pos: float = 0.0  # ... per position, shared by the batch (RoPE cos/sin tables)
+    act_pos: float = 0.0  # ... per position, shared by the batch (RoPE cos/sin tables; images: BatchNorm stats)
     act_held: float = 0.0  # alive until backward but held by the caller, not autograd (the logits)
     active: float = 1.0  # fraction of the parameters one token uses (MoE experts: k / E)
     embedding: bool = False  # token, position or token-type embedding table
     kv_per_token: int = 0  # KV-cache elements per token of the stream (decoder self-attention)
     kv_per_src: int = 0  # ... per source token (T5 cross-attention keys/values)
+    buffers: int = 0  # floating-point buffer elements saved with the weights (BatchNorm running mean, var)
+    block_input: float = 0.0  # elements per token a checkpointed block keeps, its input (0: d_model)
     notes: str = ""
     layer: int | None = field(default=None, compare=False)
 
@@ -179,6 +182,32 @@ def bert_rows(cfg: Any) -> list[Row]:
     return rows
 
 
+def bert_mlm_rows(cfg: Any) -> list[Row]:
+    """Rows of :class:`~weightsmith.models.bert.BertForMaskedLM`: the encoder under ``encoder.`` plus the
+    MLM head (dense, GELU, LayerNorm, decoder tied to ``encoder.tok_emb`` with its own bias).
+
+    The head's dense layer keeps the last hidden state; a pooler, if configured, runs (its FLOPs count)
+    but its output is dropped, so autograd frees what it saved and its activations are not counted. The
+    log-softmax is counted at every position (the masked-LM loss reads ~15% of them), like a causal LM's.
+    """
+    d, V, bias = cfg.d_model, cfg.vocab_size, cfg.bias
+    last_norm = f"blocks.{cfg.n_layers - 1}.mlp_norm"
+    rows = []
+    for r in bert_rows(cfg):
+        if r.kind == "pooler":
+            r = replace(r, act=0.0, notes="tanh(W h_[CLS] + b), once per sequence; output unused by the MLM loss")
+        elif r.path == last_norm and cfg.pooler:
+            r = replace(r, act=r.act - d, notes="")
+        rows.append(replace(r, path=f"encoder.{r.path}", weights=tuple((f"encoder.{n}", s) for n, s in r.weights)))
+    rows.append(Row("mlm_head.dense", "head", _linear("mlm_head.dense", d, d, bias), mm=d * d, act=2 * d,
+                    notes="transform; keeps its input (the last hidden state) and the GELU input"))
+    rows.append(_norm("mlm_head.norm", "layernorm", d, bias))
+    rows.append(Row("mlm_head.decoder", "head", (("mlm_head.decoder.bias", (V,)),) if bias else (), mm=d * V,
+                    act=d + V, act_held=V, notes="weight tied to encoder.tok_emb; keeps its input; logits and "
+                    "log-softmax (V each) live until backward"))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------
 # t5
 
@@ -229,7 +258,11 @@ def _with_layer(row: Row) -> Row:
     return row
 
 
-_BUILDERS = {"gpt": gpt_rows, "bert": bert_rows, "t5": t5_rows}
+from weightsmith.analysis.components_vision import convnext_rows, mlp_rows, resnet_rows  # noqa: E402 (uses Row)
+from weightsmith.analysis.components_vit import vit_rows  # noqa: E402 (it imports the helpers above)
+
+_BUILDERS = {"gpt": gpt_rows, "bert": bert_rows, "bert-mlm": bert_mlm_rows, "t5": t5_rows, "vit": vit_rows,
+             "mlp": mlp_rows, "resnet": resnet_rows, "convnext": convnext_rows}
 
 
 def rows_for(family: str, cfg: Any) -> list[Row]:
@@ -247,7 +280,11 @@ def family_of(cfg: Any) -> str:
     """The registered family whose config class ``cfg`` is an instance of."""
     from weightsmith.registry import get_family, list_families
 
-    for name in list_families():
+    names = list_families()
+    for name in names:  # the exact class first: BertMLMConfig is also a BertConfig
+        if type(cfg) is get_family(name).config_cls:
+            return name
+    for name in names:
         if isinstance(cfg, get_family(name).config_cls):
             return name
     raise ConfigError(f"no registered family has config class {type(cfg).__name__}")

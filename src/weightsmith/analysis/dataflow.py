@@ -3,7 +3,9 @@
 :func:`trace_shapes` runs a forward pass of a model built on the meta device (no memory, no compute) with
 hooks that record every module's input and output shapes; :func:`meta_forward_flops` counts the same
 pass with FlopCounterMode. Both come from running the code, so the document cannot drift from it. Shape
-legend: B batch, T (target) sequence, S source sequence, D = d_model, V = vocab_size.
+legend: B batch, T (target) sequence, S source sequence, D = d_model, V = vocab_size. Image models
+(configs with ``image_size``) take a (B, in_channels, image_size, image_size) batch and are counted per
+image (T = 1), see :func:`example_input`.
 """
 
 from __future__ import annotations
@@ -16,17 +18,32 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from weightsmith.analysis.components import rows_for
+from weightsmith.analysis.components import family_of, rows_for
+from weightsmith.analysis.components_vision import is_image_config
 from weightsmith.analysis.flops import flop_counter, forward_flops, row_flops
 from weightsmith.analysis.inspect import human
 from weightsmith.analysis.params import param_counts
 
 
-def _inputs(family: str, cfg: Any, batch_size: int, seq_len: int) -> tuple[tuple, dict]:
-    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
-    if family == "t5":
+def example_input(cfg: Any, batch_size: int, seq_len: int | None = None, *, device: Any = "meta"
+                  ) -> tuple[tuple, dict]:
+    """Positional and keyword arguments of one forward pass of a model with config ``cfg``.
+
+    Image models (``image_size`` in the config): a (B, in_channels, image_size, image_size) float32
+    batch of zeros, ``seq_len`` ignored. Token models: (B, T) int64 ids, T = ``seq_len`` or the config's
+    ``max_seq_len``; an encoder-decoder (T5) gets the same ids as source and target.
+    """
+    if is_image_config(cfg):
+        size = cfg.image_size
+        return (torch.zeros(batch_size, cfg.in_channels, size, size, device=device),), {}
+    ids = torch.zeros(batch_size, seq_len or cfg.max_seq_len, dtype=torch.long, device=device)
+    if family_of(cfg) == "t5":
         return (ids, ids), {}
     return (ids,), {}
+
+
+def _inputs(family: str, cfg: Any, batch_size: int, seq_len: int) -> tuple[tuple, dict]:
+    return example_input(cfg, batch_size, seq_len)
 
 
 def _shape(x: Any) -> str:
@@ -54,9 +71,10 @@ class _AttentionKernel(TorchFunctionMode):
 
 
 def trace_shapes(family: str, cfg: Any, batch_size: int, seq_len: int, *, max_depth: int = 5) -> list[dict[str, str]]:
-    """Forward (B, T) token ids through a meta-device model; one entry per module call in execution
-    order (``path``, ``input``, ``output`` shapes as strings), plus the q, k, v shapes of each attention
-    kernel (B, n_heads, T, d_head). Blocks after the first are folded away."""
+    """Forward (B, T) token ids (image models: a (B, C, H, W) batch, :func:`example_input`) through a
+    meta-device model; one entry per module call in execution order (``path``, ``input``, ``output``
+    shapes as strings), plus the q, k, v shapes of each attention kernel (B, n_heads, T, d_head). Blocks
+    after the first (of each ``blocks`` list) are folded away."""
     from weightsmith.registry import model_from_config
 
     model = model_from_config(family, cfg, device="meta").eval()
@@ -105,7 +123,8 @@ _COMPONENTS = (("attention: projections", "attention", "matmul"), ("attention: Q
                ("cross-attention: projections", "cross_attention", "matmul"),
                ("cross-attention: Q K^T and P V", "cross_attention", "attn"), ("MLP", "mlp", "matmul"),
                ("MoE router", "router", "matmul"), ("MoE experts (active)", "experts", "matmul"),
-               ("pooler", "pooler", "matmul"), ("lm_head", "head", "matmul"))
+               ("pooler", "pooler", "matmul"), ("convolutions", "conv", "matmul"),
+               ("linear layers", "linear", "matmul"), ("lm_head", "head", "matmul"))
 
 
 def component_flops(family: str, cfg: Any, seq_len: int, stream: str | None = None) -> dict[str, float]:

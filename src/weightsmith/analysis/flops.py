@@ -8,6 +8,10 @@ gradient), the convention of Kaplan et al. 2020 behind ``C = 6 N D``.
 
 Per token means per token of the main stream: for T5 (encoder-decoder) a *target* token with a source
 of ``src_len`` tokens (default ``seq_len``), so that encoder work is included and ``6N`` still applies.
+For image models one token is one image (``seq_len = 1``): the per-token numbers are per image, and the
+matrix multiplies are convolutions (``out_channels * in_channels / groups * kernel_size^2 * H_out * W_out``
+multiply-adds) and linear layers, as FlopCounterMode counts ``aten.convolution`` and ``addmm``; BatchNorm,
+LayerNorm, activations and pooling are not counted (:mod:`weightsmith.analysis.components_vision`).
 
 For one layer of a decoder with D = d_model, T context, n_heads * d_head = D and a 4D GELU MLP::
 

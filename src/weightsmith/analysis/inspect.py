@@ -3,6 +3,9 @@
 :func:`inspect_model` resolves the model, builds it on the meta device (no memory), checks the analytic
 parameter count against ``sum(p.numel())`` and returns a plain dict; :func:`format_report` renders it
 as text. Shape legend: B batch, T sequence, D = d_model, V = vocab_size.
+
+Image models (configs with ``image_size``) are analysed per image: one token is one image, ``seq_len``
+is 1, and every ``*_per_token`` number is per image (see :mod:`weightsmith.analysis.components_vision`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from weightsmith.analysis.components import Row, rows_for
+from weightsmith.analysis.components_vision import is_image_config
 from weightsmith.analysis.flops import forward_flops, row_flops
 from weightsmith.analysis.memory import dtype_bytes, memory_estimate, row_activation_elements
 from weightsmith.analysis.params import param_counts
@@ -21,10 +25,11 @@ CONVENTIONS = {
     "flops": "2 FLOPs per multiply-add; matmuls only (linear layers, lm_head, Q K^T and P V); attention "
              "dense over the full context (no causal halving), as FlopCounterMode counts it",
     "training": "training FLOPs = 3 x forward (backward = 2 x forward)",
-    "per_token": "per token of the main stream; T5: per target token with a source of the same length",
+    "per_token": "per token of the main stream; T5: per target token with a source of the same length; "
+                 "image models: one token = one image (T = 1), FLOPs of convolutions and linear layers",
     "six_n": "6N = 6 x active non-embedding parameters (Kaplan et al. 2020), beside the exact count",
     "memory": "bytes, every tensor at --dtype; optimizer states per parameter: adamw 2, sgd 0, sgd-momentum 1; "
-              "train peak = weights + grads + optimizer + activations + backward transient",
+              "train peak = weights + buffers + grads + optimizer + activations + backward transient",
 }
 
 
@@ -42,11 +47,26 @@ def _model_section(model: str) -> tuple[str, dict[str, Any]]:
         if "model" not in tree:
             raise ConfigError(f"{path}: no [model] section")
         fields = dict(tree["model"])
-        if "vocab_size" not in fields and "preset" not in fields:
-            # the tokenizer decides; use the recipe's data.vocab_size, else a byte-level 256
-            fields["vocab_size"] = tree.get("data", {}).get("vocab_size", 256)
+        if "preset" not in fields:
+            _data_decided_fields(fields, tree.get("data", {}))
         return str(path), fields
     return model, {"preset": model}
+
+
+def _data_decided_fields(fields: dict[str, Any], data: dict[str, Any]) -> None:
+    """Fill the [model] fields the data decides from the recipe's [data], where the config has them:
+    ``vocab_size`` (the tokenizer's; default a byte-level 256) or ``in_channels, image_size, n_classes``
+    (default: the config's own)."""
+    import dataclasses
+
+    from weightsmith.registry import get_family
+
+    names = {f.name for f in dataclasses.fields(get_family(fields.get("family", "gpt")).config_cls)}
+    if "vocab_size" in names and "vocab_size" not in fields:
+        fields["vocab_size"] = data.get("vocab_size", 256)
+    for key in ("in_channels", "image_size", "n_classes"):
+        if key in names and key not in fields and key in data:
+            fields[key] = data[key]
 
 
 def resolve_model(model: str, overrides: list[str] | dict[str, Any] | None = None) -> tuple[str, str, Any]:
@@ -93,9 +113,11 @@ def module_table(rows: list[Row], batch_size: int, seq_len: int, nbytes: int) ->
     """One entry per distinct module; identical layers are folded into ``blocks.*`` with a ``count``.
 
     Each entry: ``path, kind, weights {name: {shape, count}}, params, flops_fwd_per_token,
-    activation_bytes`` (at (B, T), for one instance) and ``count`` (instances), plus ``notes``.
+    activation_bytes`` (at (B, T), for one instance) and ``count`` (instances), plus ``notes``. Where
+    the layers of one path differ (the first block of a ResNet stage, BERT's last norm), the largest
+    group of two or more identical ones keeps ``blocks.*`` and every other layer its own path.
     """
-    table: dict[str, dict[str, Any]] = {}
+    groups: dict[tuple, dict[str, Any]] = {}  # (folded path, signature) -> entry, in order of first use
     for row in rows:
         mm, att = row_flops(row, seq_len)
         entry = {
@@ -105,14 +127,25 @@ def module_table(rows: list[Row], batch_size: int, seq_len: int, nbytes: int) ->
             "activation_bytes": row_activation_elements(row, batch_size, seq_len) * nbytes,
             "count": 1, "notes": row.notes,
         }
-        same = table.get(entry["path"])
-        if same is not None and all(same[k] == entry[k] for k in ("weights", "flops_fwd_per_token",
-                                                                    "activation_bytes", "notes")):
-            same["count"] += 1
-        else:  # first of its kind, or a layer that differs from the others (keeps its own path)
-            key = entry["path"] if same is None else row.path
-            table[key] = {**entry, "path": key}
-    return list(table.values())
+        key = (entry["path"], repr([entry[k] for k in ("weights", "flops_fwd_per_token", "activation_bytes",
+                                                       "notes")]))
+        if key in groups:
+            groups[key]["count"] += 1
+            groups[key]["members"].append(row.path)
+        else:
+            groups[key] = {**entry, "members": [row.path]}
+    largest: dict[str, dict[str, Any]] = {}
+    for g in groups.values():
+        if g["path"] not in largest or g["count"] > largest[g["path"]]["count"]:
+            largest[g["path"]] = g
+    table = []
+    for g in groups.values():
+        members = g.pop("members")
+        if g is largest[g["path"]] and (g["count"] > 1 or len(members) == 1 and members[0] == g["path"]):
+            table.append(g)
+        else:  # layers that differ from the folded ones keep their own paths
+            table += [{**g, "path": path, "count": 1} for path in members]
+    return table
 
 
 def inspect_model(model: str, *, batch_size: int = 1, seq_len: int | None = None, dtype: str = "float32",
@@ -121,7 +154,7 @@ def inspect_model(model: str, *, batch_size: int = 1, seq_len: int | None = None
 
     Args:
         model: preset or family name (``gpt2``), recipe TOML path, or run directory with ``config.toml``.
-        seq_len: context T; default the config's ``max_seq_len``.
+        seq_len: context T; default the config's ``max_seq_len``; image models take 1 (one image).
         dtype: element type for every byte count (``float32``, ``bf16``...).
         optimizer: ``adamw`` (2 states per parameter), ``sgd`` (0) or ``sgd-momentum`` (1).
         overrides: ``--model.key=value`` strings or a dict of model fields.
@@ -138,7 +171,10 @@ def inspect_model(model: str, *, batch_size: int = 1, seq_len: int | None = None
     from weightsmith.registry import model_from_config
 
     name, family, cfg = resolve_model(model, overrides)
-    T = cfg.max_seq_len if seq_len is None else seq_len
+    image = is_image_config(cfg)
+    if image and seq_len not in (None, 1):
+        raise ConfigError(f"seq_len={seq_len}: {name} is an image model, analysed per image (seq_len 1)")
+    T = 1 if image else cfg.max_seq_len if seq_len is None else seq_len
     if batch_size <= 0:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
     if T <= 0:
@@ -156,6 +192,7 @@ def inspect_model(model: str, *, batch_size: int = 1, seq_len: int | None = None
     six_n = 6.0 * (counts["active"] - counts["embedding"])
     return {
         "model": name, "family": family, "config": to_dict(cfg), "batch_size": batch_size, "seq_len": T,
+        "unit": "image" if image else "token",
         "dtype": dtype, "optimizer": optimizer, "conventions": CONVENTIONS,
         "params_total": counts["total"], "params_embedding": counts["embedding"],
         "params_non_embedding": counts["non_embedding"], "params_trainable": counts["trainable"],
@@ -165,7 +202,8 @@ def inspect_model(model: str, *, batch_size: int = 1, seq_len: int | None = None
         "flops_train_per_step": 3.0 * fwd["total"] * batch_size * T, "flops_6n_per_token": six_n,
         "kv_cache_bytes_per_token": mem["kv_cache_per_token"],
         "kv_cache_bytes_per_src_token": mem["kv_cache_per_src_token"], "kv_cache_bytes": mem["kv_cache"],
-        "checkpoint_bytes": mem["weights"], "memory_weights_bytes": mem["weights"],
+        "checkpoint_bytes": mem["weights"] + mem["buffers"], "memory_weights_bytes": mem["weights"],
+        "memory_buffers_bytes": mem["buffers"],
         "memory_grads_bytes": mem["grads"], "memory_optimizer_bytes": mem["optimizer"],
         "memory_activations_bytes": mem["activations"],
         "memory_activations_checkpointed_bytes": mem["activations_checkpointed"],
@@ -201,26 +239,34 @@ def format_report(report: dict[str, Any]) -> str:
     """The :func:`inspect_model` dict as a text report with the per-module table."""
     r = report
     B, T = r["batch_size"], r["seq_len"]
+    image = r.get("unit") == "image"
+    unit = "image" if image else "token"
+    at = f"B={B} images" if image else f"B={B}, T={T}"
+    flops = f"forward {human(r['flops_fwd_per_token'])}"
+    if r["flops_fwd_attention_per_token"]:
+        flops += (f" = matmul {human(r['flops_fwd_matmul_per_token'])} + attention(T) "
+                  f"{human(r['flops_fwd_attention_per_token'])}")
+    buffers = f"  buffers {human(r['memory_buffers_bytes'], 'B')}" if r.get("memory_buffers_bytes") else ""
+    kv = "" if image else (f";  KV cache {human(r['kv_cache_bytes_per_token'], 'B')}/token, "
+                           f"{human(r['kv_cache_bytes'], 'B')} at B x T")
     lines = [
-        f"{r['model']} (family {r['family']}) at B={B}, T={T}, dtype={r['dtype']}, optimizer={r['optimizer']}",
+        f"{r['model']} (family {r['family']}) at {at}, dtype={r['dtype']}, optimizer={r['optimizer']}",
         "",
         f"parameters   total {r['params_total']:,}  embedding {r['params_embedding']:,}  "
-        f"non-embedding {r['params_non_embedding']:,}  active/token {r['params_active']:,}",
-        f"FLOPs/token  forward {human(r['flops_fwd_per_token'])} = matmul {human(r['flops_fwd_matmul_per_token'])}"
-        f" + attention(T) {human(r['flops_fwd_attention_per_token'])};  train (3x) "
-        f"{human(r['flops_train_per_token'])};  6N {human(r['flops_6n_per_token'])};  per step "
-        f"{human(r['flops_train_per_step'])}",
-        f"memory       weights {human(r['memory_weights_bytes'], 'B')}  grads {human(r['memory_grads_bytes'], 'B')}"
-        f"  optimizer {human(r['memory_optimizer_bytes'], 'B')}  activations "
+        f"non-embedding {r['params_non_embedding']:,}  active/{unit} {r['params_active']:,}",
+        f"FLOPs/{unit:6s}{flops};  train (3x) {human(r['flops_train_per_token'])};  6N "
+        f"{human(r['flops_6n_per_token'])};  per step {human(r['flops_train_per_step'])}",
+        f"memory       weights {human(r['memory_weights_bytes'], 'B')}{buffers}  grads "
+        f"{human(r['memory_grads_bytes'], 'B')}  optimizer {human(r['memory_optimizer_bytes'], 'B')}  activations "
         f"{human(r['memory_activations_bytes'], 'B')} (checkpointed "
         f"{human(r['memory_activations_checkpointed_bytes'], 'B')})",
         f"             train peak {human(r['memory_train_bytes'], 'B')} (checkpointed "
         f"{human(r['memory_train_checkpointed_bytes'], 'B')});  inference peak "
-        f"{human(r['memory_infer_bytes'], 'B')};  KV cache {human(r['kv_cache_bytes_per_token'], 'B')}/token, "
-        f"{human(r['kv_cache_bytes'], 'B')} at B x T",
+        f"{human(r['memory_infer_bytes'], 'B')}{kv}",
         "",
     ]
-    head = f"{'module':34s} {'count':>5s} {'params':>12s} {'fwd FLOPs/tok':>14s} {'act @B,T':>11s}  weights"
+    per, act_at = ("fwd FLOPs/img", "act @B") if image else ("fwd FLOPs/tok", "act @B,T")
+    head = f"{'module':34s} {'count':>5s} {'params':>12s} {per:>14s} {act_at:>11s}  weights"
     lines += [head, "-" * len(head)]
     for m in r["modules"]:
         lines.append(f"{m['path']:34s} {m['count']:>5d} {m['params']:>12,d} {human(m['flops_fwd_per_token']):>14s} "

@@ -9,7 +9,9 @@ Activations for training are the tensors autograd saves for the backward pass, c
 :mod:`weightsmith.analysis.components` (Korthikanti et al. 2022 did this analysis for Megatron), plus
 the logits the caller holds until ``backward``. With activation checkpointing of every block
 (``torch.utils.checkpoint``, weightsmith.train.activation_checkpointing), a block keeps only its input
-(B, T, d_model) and one block's activations are rebuilt at a time during the backward pass.
+(B, T, d_model; for image models the block's own input size, ``Row.block_input``) and one block's
+activations are rebuilt at a time during the backward pass. ``buffers`` are the floating-point buffers
+saved with the weights (BatchNorm's running mean and variance), counted in every peak.
 
 Peaks:
 
@@ -18,7 +20,15 @@ Peaks:
   gradient accumulation), at the start of the backward pass, when every activation is still alive and
   the first gradients exist. The transient is two tensors of the widest per-token width (the gradients
   of the log-probabilities and of the logits, (B, T, V) each; ``d_ff`` for an encoder without an LM
-  head). The tests measure this on CPU with ``torch.profiler`` memory events.
+  head). :func:`profiled_train_peak` measures this on CPU with ``torch.profiler`` memory events.
+  Image models (one token = one image, :mod:`weightsmith.analysis.components_vision`) have tiny logits;
+  their transient is a layer's fresh weight gradient and a reordered copy of it (oneDNN), alive inside
+  that layer's backward before ``AccumulateGrad`` adds it to ``.grad``, less the activations of the
+  layers after it, already freed by then: it matters where the widest weights are last (a ResNet's
+  last stage). Measured against the profiled peak (tests/test_models_vision.py and by hand): -7% to +3%
+  for the 28x28 presets at B = 32..512 and small ResNet/ConvNeXt configs, ResNet-18 at 64x64 -0.4%;
+  ConvNeXt at small batches is lower, -13% at B = 32 and -21% at B = 16, where a few MiB of
+  convolution-backward workspace that does not grow with B dominate. Checkpointed: -6% to +2%.
 - ``train_peak_checkpointed``: the same sum with ``activations_checkpointed``. It adds the transient
   of the start of backward to the largest rebuilt block, which never coexist, so it is an upper-side
   estimate: +3% to +16% of the profiled peak for the tiny gpt, bert and t5 configs of the tests.
@@ -28,10 +38,12 @@ Peaks:
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
 from weightsmith.analysis.components import Row, rows_for
+from weightsmith.analysis.components_vision import is_image_config
 from weightsmith.errors import ConfigError
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2,
@@ -77,7 +89,11 @@ def activation_bytes(rows: list[Row], batch_size: int, seq_len: int, nbytes: int
             outside += row_activation_elements(r, batch_size, seq_len, S)
         else:
             per_layer[(r.stream, r.layer)] += row_activation_elements(r, batch_size, seq_len, S)
-    inputs = sum(batch_size * d_model * (S if stream == "src" else seq_len) for stream, _ in per_layer)
+    width: dict[tuple[str, int], float] = defaultdict(float)  # a checkpointed block's input, per token
+    for r in rows:
+        if r.layer is not None and r.block_input:
+            width[(r.stream, r.layer)] = max(width[(r.stream, r.layer)], r.block_input)
+    inputs = sum(batch_size * (width[key] or d_model) * (S if key[0] == "src" else seq_len) for key in per_layer)
     return (outside + inputs + max(per_layer.values(), default=0.0)) * nbytes
 
 
@@ -87,12 +103,23 @@ def kv_cache_bytes_per_token(rows: list[Row], nbytes: int) -> dict[str, float]:
             "per_src_token": sum(r.kv_per_src for r in rows) * nbytes}
 
 
+def _weight_gradient_transient(rows: list[Row], batch_size: int, seq_len: int) -> float:
+    """Elements above the activations still alive while the backward pass is inside the worst row: its
+    largest weight twice (the fresh gradient and a reordered copy), less what the rows after it kept."""
+    worst = freed = 0.0
+    for r in reversed(rows):  # backward order
+        largest = max((math.prod(shape) for _, shape in r.weights), default=0)
+        worst = max(worst, 2 * largest - freed)
+        freed += row_activation_elements(r, batch_size, seq_len)
+    return worst
+
+
 def memory_estimate(family: str, cfg: Any, *, batch_size: int, seq_len: int, dtype: str = "float32",
                     optimizer: str = "adamw", src_len: int | None = None,
                     rows: list[Row] | None = None) -> dict[str, float]:
     """Bytes of every part of training and inference memory at (batch_size, seq_len).
 
-    Returns a dict (all values in bytes): ``weights, grads, optimizer, activations,
+    Returns a dict (all values in bytes): ``weights, buffers, grads, optimizer, activations,
     activations_checkpointed, kv_cache_per_token, kv_cache_per_src_token, kv_cache, backward_transient,
     train_peak, train_peak_checkpointed, infer_peak``. ``kv_cache`` is for B sequences of T tokens (and
     a source of ``src_len`` for T5); an encoder-only model has none (0).
@@ -106,20 +133,99 @@ def memory_estimate(family: str, cfg: Any, *, batch_size: int, seq_len: int, dty
     S = src_len or seq_len
     n_params = sum(r.params for r in rows)
     weights = n_params * nb
+    buffers = sum(r.buffers for r in rows) * nb
     grads = n_params * nb
     opt = states * n_params * nb
     act = activation_bytes(rows, batch_size, seq_len, nb, src_len=S)
-    act_ckpt = activation_bytes(rows, batch_size, seq_len, nb, checkpointing=True, d_model=cfg.d_model, src_len=S)
+    d_model = getattr(cfg, "d_model", 0)
+    act_ckpt = activation_bytes(rows, batch_size, seq_len, nb, checkpointing=True, d_model=d_model, src_len=S)
     kv = kv_cache_bytes_per_token(rows, nb)
     kv_total = batch_size * (kv["per_token"] * seq_len + kv["per_src_token"] * S)
     # prefill working set: the residual stream, the widest layer's live tensors, and the logits
     widest = max((r.act + r.act_ctx * seq_len for r in rows if r.layer is not None), default=0.0)
     head = max((r.act_held for r in rows), default=0.0)
-    infer_work = batch_size * seq_len * (cfg.d_model + widest + head) * nb
+    residual = max((r.block_input for r in rows), default=0.0) or d_model
+    infer_work = batch_size * seq_len * (residual + widest + head) * nb
     transient = 2 * batch_size * seq_len * (head or getattr(cfg, "d_ff", 0) or 0) * nb
-    return {"weights": weights, "grads": grads, "optimizer": opt, "activations": act,
+    if is_image_config(cfg):  # see the module docstring
+        transient += _weight_gradient_transient(rows, batch_size, seq_len) * nb
+    state = weights + buffers + grads + opt
+    return {"weights": weights, "buffers": buffers, "grads": grads, "optimizer": opt, "activations": act,
             "activations_checkpointed": act_ckpt, "kv_cache_per_token": kv["per_token"],
             "kv_cache_per_src_token": kv["per_src_token"], "kv_cache": kv_total,
-            "backward_transient": transient, "train_peak": weights + grads + opt + act + transient,
-            "train_peak_checkpointed": weights + grads + opt + act_ckpt + transient,
-            "infer_peak": weights + kv_total + infer_work}
+            "backward_transient": transient, "train_peak": state + act + transient,
+            "train_peak_checkpointed": state + act_ckpt + transient,
+            "infer_peak": weights + buffers + kv_total + infer_work}
+
+
+# ---------------------------------------------------------------------------------------------------
+# measurement (what the estimates above are checked against)
+
+PROFILED_FAMILIES = ("gpt", "bert", "t5")
+
+
+def profiled_train_peak(family: str, overrides: dict[str, Any], *, batch_size: int, seq_len: int,
+                        checkpointing: bool = False, steps: int = 3) -> int:
+    """Peak CPU bytes of ``steps`` AdamW training steps on random tokens, measured with torch.profiler.
+
+    The model is ``create_model(family, **overrides)`` on the CPU in float32, trained on one batch of
+    (batch_size, seq_len) random ids (T5: the same ids as source and target); the loss is the LM
+    cross-entropy (BERT: the mean square of the hidden states). Gradients stay allocated across steps
+    (``zero_grad(set_to_none=False)``), the steady state ``train_peak`` models. The peak is the running
+    sum of the profiler's allocator events (every allocation and free, model and optimizer creation
+    included), in bytes. Garbage collection is off inside the window, so earlier objects freed by it
+    cannot skew the count. ``checkpointing`` wraps every block (weightsmith.train.activation_checkpointing).
+
+    Raises:
+        ConfigError: for a family other than gpt, bert or t5.
+    """
+    import gc
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if family not in PROFILED_FAMILIES:
+        raise ConfigError(f"model.family={family!r}: the profiled peak is measured for "
+                          f"{', '.join(PROFILED_FAMILIES)} only")
+    torch.manual_seed(0)
+    x = torch.randint(0, overrides["vocab_size"], (batch_size, seq_len))
+    gc.collect()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            _train_steps(family, overrides, x, checkpointing, steps)
+    finally:
+        gc.enable()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def _train_steps(family: str, overrides: dict[str, Any], x: Any, checkpointing: bool, steps: int) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from weightsmith.registry import create_model
+    from weightsmith.train.activation_checkpointing import apply_activation_checkpointing
+
+    model = create_model(family, **overrides)
+    if checkpointing:
+        apply_activation_checkpointing(model)
+    opt = torch.optim.AdamW(model.parameters(), foreach=False)
+    for _ in range(steps):
+        if family == "t5":
+            out = model(x, x)  # (B, T, V)
+        elif family == "bert":
+            out = model(x)[0]  # hidden states (B, T, D)
+        else:
+            out = model(x)  # (B, T, V)
+        loss = out.square().mean() if family == "bert" else F.cross_entropy(out.reshape(-1, out.shape[-1]),
+                                                                            x.reshape(-1))
+        loss.backward()
+        del out, loss
+        opt.step()
+        opt.zero_grad(set_to_none=False)

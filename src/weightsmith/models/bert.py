@@ -4,14 +4,18 @@ Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional Transformers for L
 Understanding". Bidirectional self-attention, post-LN blocks (``LayerNorm(x + sublayer(x))``, as in
 Vaswani et al. 2017), exact erf GELU, learned absolute positions, token-type (segment) embeddings and a
 pooler ``tanh(W h_[CLS] + b)``. The paper's H is our d_model, L our n_layers, A our n_heads; its
-"intermediate size" 4H is our d_ff. The MLM and NSP heads are pre-training objectives, not part of the
-encoder, and are not built here.
+"intermediate size" 4H is our d_ff. The encoder (family ``bert``) is a backbone with no objective of its
+own; :class:`BertForMaskedLM` (family ``bert-mlm``) adds the masked-LM head of section 3.1 and is what
+``weightsmith train`` pretrains (task ``masked-lm``, weightsmith.tasks.masked_lm). The NSP head is not built.
 
 Data flow, B batch, T sequence, D = d_model::
 
     idx (B, T) -> tok_emb + pos_emb + type_emb -> LayerNorm -> (B, T, D)
       -> n_layers x [ x = norm(x + attn(x)) ; x = norm(x + mlp(x)) ]     (no causal mask)
       -> hidden (B, T, D);  pooled = tanh(pooler(hidden[:, 0]))  (B, D)
+
+    bert-mlm: hidden -> dense (D -> D) -> GELU -> LayerNorm -> decoder (D -> V, weight tied to tok_emb,
+              own bias) -> logits (B, T, V)
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from weightsmith.config import require_positive
@@ -145,6 +150,76 @@ class Bert(nn.Module):
         return x, pooled
 
 
+@dataclass(kw_only=True)
+class BertMLMConfig(BertConfig):
+    """:class:`BertConfig` of the masked-LM pretraining model, the same fields with ``pooler=False`` by
+    default: the MLM loss never reads the pooler (Hugging Face's ``BertForMaskedLM`` builds none either),
+    so a pooler would be a parameter without a gradient. ``pooler=True`` keeps one for later fine-tuning."""
+
+    pooler: bool = False
+
+
+class MLMHead(nn.Module):
+    """BERT's masked-LM head: hidden (B, T, D) -> logits (B, T, V).
+
+    ``decoder(LayerNorm(gelu(dense(h))))``; the decoder's weight is the encoder's token embedding (tied,
+    as in Devlin et al. and every released BERT), its bias is the head's own.
+    """
+
+    def __init__(self, cfg: BertConfig, tok_emb: nn.Embedding) -> None:
+        super().__init__()
+        self.approximate = "none" if cfg.gelu == "erf" else "tanh"
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.decoder = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.bias)
+        self.decoder.weight = tok_emb.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = self.norm(F.gelu(self.dense(hidden), approximate=self.approximate))  # (B, T, D)
+        return self.decoder(x)  # (B, T, V)
+
+
+class BertForMaskedLM(nn.Module):
+    """The BERT encoder plus the masked-LM head: token ids (B, T) -> logits (B, T, vocab_size).
+
+    State-dict keys are the encoder's under ``encoder.`` and the head's under ``mlm_head.``
+    (``mlm_head.decoder.weight`` is ``encoder.tok_emb.weight``).
+    """
+
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.encoder = Bert(cfg)
+        self.mlm_head = MLMHead(cfg, self.encoder.tok_emb)
+        if self.encoder.tok_emb.weight.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The encoder's BERT initialization, and the same for the head: dense ~ N(0, init_std), biases
+        0, LayerNorm gains 1 (the tied decoder weight is the embedding, initialized once)."""
+        self.encoder.reset_parameters()
+        nn.init.normal_(self.mlm_head.dense.weight, 0.0, self.config.init_std)
+        for name, p in self.mlm_head.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+        nn.init.ones_(self.mlm_head.norm.weight)
+
+    def tie_weights(self) -> None:
+        """Make the decoder weight the token embedding again (after ``load_state_dict(assign=True)``)."""
+        self.mlm_head.decoder.weight = self.encoder.tok_emb.weight
+
+    def forward(self, idx: torch.Tensor, *, token_types: torch.Tensor | None = None,
+                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) of every position of ``idx`` (B, T) int64.
+
+        ``token_types`` and ``padding_mask`` (B, T) are :meth:`Bert.forward`'s. The loss over the masked
+        positions belongs to the task (weightsmith.tasks.masked_lm), not here.
+        """
+        hidden, _ = self.encoder(idx, token_types=token_types, padding_mask=padding_mask)  # (B, T, D)
+        return self.mlm_head(hidden)
+
+
 register_family("bert", BertConfig, task=None)(Bert)  # backbone; pretrained as bert-mlm
 
 register_preset("bert-base", "bert", doc="BERT-base uncased (110M with pooler), Devlin et al. 2019",
@@ -154,3 +229,11 @@ register_preset("bert-large", "bert", doc="BERT-large uncased (335M with pooler)
                 vocab_size=30522, d_model=1024, n_layers=24, n_heads=16, d_ff=4096, max_seq_len=512)
 register_preset("bert-tiny", "bert", doc="a 2x128 encoder for smoke tests",
                 vocab_size=256, d_model=128, n_layers=2, n_heads=2, max_seq_len=128)
+
+register_family("bert-mlm", BertMLMConfig, task="masked-lm")(BertForMaskedLM)
+
+register_preset("bert-mlm-base", "bert-mlm", doc="BERT-base uncased with the MLM head (HF BertForMaskedLM, "
+                "109,514,298 parameters)", vocab_size=30522, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
+                max_seq_len=512, n_token_types=2)
+register_preset("bert-mlm-small", "bert-mlm", doc="a 4x128 masked LM for the Shakespeare BPE data (1024 + [MASK])",
+                vocab_size=1025, d_model=128, n_layers=4, n_heads=4, d_ff=512, max_seq_len=128, n_token_types=0)

@@ -11,6 +11,7 @@ GPT2LMHeadModel        gpt        Conv1D weights are stored (in, out): transpose
 LlamaForCausalLM       gpt        RoPE half-split layout is ours too, so q/k need no permutation
 MixtralForCausalLM     gpt        ``n_experts``; fused (v5) or per-expert ``w1/w2/w3`` (on disk)
 BertModel              bert       pooler kept; MLM head dropped
+BertForMaskedLM        bert-mlm   chosen when the checkpoint has the MLM head (``cls.predictions``)
 T5ForConditionalGeneration  t5    shared embedding, tied lm_head (scaled by d_model^-0.5)
 =====================  =========  ==============================================================
 
@@ -278,10 +279,15 @@ def _llama_from_ours(cfg: Any, sd: StateDict) -> tuple[dict[str, Any], StateDict
 
 
 # ---------------------------------------------------------------------------------------------------
-# BERT  (BertModel)
+# BERT  (BertModel, BertForMaskedLM)
 
 
-def bert_to_ours(hf: dict[str, Any], sd: StateDict) -> tuple[Any, StateDict]:
+def _new_norm_name(key: str) -> str:
+    """TF-era BERT checkpoints name LayerNorm parameters ``gamma``/``beta``."""
+    return re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key))
+
+
+def bert_to_ours(hf: dict[str, Any], sd: StateDict, family: str = "bert") -> tuple[Any, StateDict]:
     """BertModel (or BertFor* with a ``bert.`` prefix) config + state dict -> (BertConfig, state dict).
 
     Pre-training heads (``cls.*``) are dropped; old ``LayerNorm.gamma/beta`` names are accepted.
@@ -294,10 +300,9 @@ def bert_to_ours(hf: dict[str, Any], sd: StateDict) -> tuple[Any, StateDict]:
         raise ConfigError(f"BERT hidden_act '{act}' is not supported (ours is GELU)")
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise ConfigError(f"BERT position_embedding_type '{hf['position_embedding_type']}' is not supported")
-    src = {re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)): v
-           for k, v in _strip_prefix(sd, ("bert.",)).items()}
+    src = {_new_norm_name(k): v for k, v in _strip_prefix(sd, ("bert.",)).items()}
     pooler = "pooler.dense.weight" in src
-    cfg = _build("bert", dict(
+    cfg = _build(family, dict(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
         n_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
         max_seq_len=hf["max_position_embeddings"], n_token_types=hf.get("type_vocab_size", 2), pooler=pooler,
@@ -317,6 +322,31 @@ def bert_to_ours(hf: dict[str, Any], sd: StateDict) -> tuple[Any, StateDict]:
     for ours, theirs in pairs:
         out[f"{ours}.weight"] = _take(src, f"{theirs}.weight")
         out[f"{ours}.bias"] = _take(src, f"{theirs}.bias")
+    return cfg, out
+
+
+def bert_mlm_to_ours(hf: dict[str, Any], sd: StateDict) -> tuple[Any, StateDict]:
+    """BertForMaskedLM (or BertForPreTraining) config + state dict -> (BertMLMConfig, state dict).
+
+    The encoder as :func:`bert_to_ours` (under ``encoder.``), plus ``cls.predictions``: the transform
+    (dense, LayerNorm) and the output bias; the decoder weight is the word embedding (tied). The NSP
+    head (``cls.seq_relationship``) of BertForPreTraining is dropped.
+
+    Raises:
+        ConfigError: ``tie_word_embeddings=false`` (our decoder is always tied), or what bert_to_ours raises.
+    """
+    if hf.get("tie_word_embeddings", True) is False:
+        raise ConfigError("BertForMaskedLM with tie_word_embeddings=false is not supported (our MLM decoder is "
+                          "tied to the word embeddings)")
+    cfg, enc = bert_to_ours(hf, sd, family="bert-mlm")
+    src = {_new_norm_name(k): v for k, v in sd.items() if k.startswith("cls.predictions.")}
+    out = {f"encoder.{k}": v for k, v in enc.items()}
+    p = "cls.predictions."
+    for ours, theirs in (("dense", "transform.dense"), ("norm", "transform.LayerNorm")):
+        out[f"mlm_head.{ours}.weight"] = _take(src, f"{p}{theirs}.weight")
+        out[f"mlm_head.{ours}.bias"] = _take(src, f"{p}{theirs}.bias")
+    out["mlm_head.decoder.weight"] = out["encoder.tok_emb.weight"]
+    out["mlm_head.decoder.bias"] = _take(src, f"{p}bias")
     return cfg, out
 
 
@@ -439,6 +469,8 @@ def hf_to_ours(hf_config: dict[str, Any], state_dict: StateDict) -> tuple[str, A
     if kind not in _FROM_HF:
         raise ConfigError(f"HF model_type '{kind}' is not supported; supported: {', '.join(sorted(_FROM_HF))}")
     family, fn = _FROM_HF[kind]
+    if kind == "bert" and "cls.predictions.transform.dense.weight" in state_dict:
+        family, fn = "bert-mlm", "bert_mlm_to_ours"
     cfg, sd = globals()[fn](hf_config, state_dict)
     return family, cfg, sd
 
@@ -495,6 +527,8 @@ def load_hf_checkpoint(path: str | Path, device: Any = None) -> tuple[str, Any, 
         raise CheckpointError(f"{d}: weights do not match the config: {msg}") from None
     if getattr(cfg, "tie_embeddings", False):  # assign=True loaded two Parameters; make them one again
         model.lm_head.weight = model.tok_emb.weight
+    elif hasattr(model, "tie_weights"):  # bert-mlm: the MLM decoder is the word embedding
+        model.tie_weights()
     _rebuild_buffers(model)
     model.to(device or "cpu")
     return family, cfg, model

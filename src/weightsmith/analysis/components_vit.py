@@ -12,7 +12,11 @@ is on stream ``"main"`` and the analysis runs at ``seq_len = 1``, so the per-tok
 - ``act``: floating-point elements autograd saves for the backward pass (the rules of
   :mod:`weightsmith.analysis.components`: a linear layer keeps its input, LayerNorm its input + mean +
   rstd per token, the flash SDPA kernel q, k, v, the output and one log-sum-exp per head and token, the
-  erf/tanh GELU its input), times the ``n_tokens`` tokens of the image.
+  erf/tanh GELU its input), times the ``n_tokens`` tokens of the image. With ``dropout = 0`` (the
+  default): dropout masks, and the math-path attention probabilities that SDPA dropout brings, are not
+  modelled.
+- ``block_input``: ``n_tokens * d_model``, the block input a checkpointed block keeps (first row of
+  each block).
 
 With N = n_patches = (image_size / patch_size)^2, n_tokens = N (+1 for the class token), D = d_model:
 
@@ -55,7 +59,8 @@ def vit_rows(cfg: Any) -> list[Row]:
     qk_pv = 2 * T * T * cfg.n_heads * cfg.d_head
     for i in range(cfg.n_layers):
         b = f"blocks.{i}"
-        rows.append(_per_image(_norm(f"{b}.attn_norm", "layernorm", d, bias), T))
+        # the block's input (T, D) is all a checkpointed block keeps, and the residual stream at inference
+        rows.append(replace(_per_image(_norm(f"{b}.attn_norm", "layernorm", d, bias), T), block_input=T * d))
         attn = _self_attention(f"{b}.attn", d, cfg.n_heads, cfg.n_heads, cfg.d_head, bias, kv_cache=False)
         rows.append(_per_image(attn, T, qk_pv, notes=f"mm includes Q K^T and P V over {T} tokens"))
         rows.append(_per_image(_norm(f"{b}.mlp_norm", "layernorm", d, bias), T))

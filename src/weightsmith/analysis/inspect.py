@@ -47,26 +47,27 @@ def _model_section(model: str) -> tuple[str, dict[str, Any]]:
         if "model" not in tree:
             raise ConfigError(f"{path}: no [model] section")
         fields = dict(tree["model"])
-        if "preset" not in fields:
-            _data_decided_fields(fields, tree.get("data", {}))
+        _data_decided_fields(fields, tree)
         return str(path), fields
     return model, {"preset": model}
 
 
-def _data_decided_fields(fields: dict[str, Any], data: dict[str, Any]) -> None:
-    """Fill the [model] fields the data decides from the recipe's [data], where the config has them:
-    ``vocab_size`` (the tokenizer's; default a byte-level 256) or ``in_channels, image_size, n_classes``
-    (default: the config's own)."""
-    import dataclasses
+def _data_decided_fields(fields: dict[str, Any], tree: dict[str, Any]) -> None:
+    """Fill the [model] fields the data decides where the recipe leaves them out, with the stand-ins of
+    the recipe's task (``vocab_size`` = the tokenizer's plus the task's extra ids; ``in_channels,
+    image_size, n_classes`` of the image source), as training would before it has the data."""
+    from weightsmith.config import from_dict
+    from weightsmith.registry import get_family, get_preset
+    from weightsmith.tasks import get_task
 
-    from weightsmith.registry import get_family
-
-    names = {f.name for f in dataclasses.fields(get_family(fields.get("family", "gpt")).config_cls)}
-    if "vocab_size" in names and "vocab_size" not in fields:
-        fields["vocab_size"] = data.get("vocab_size", 256)
-    for key in ("in_channels", "image_size", "n_classes"):
-        if key in names and key not in fields and key in data:
-            fields[key] = data[key]
+    family = fields.get("family") or (get_preset(fields["preset"]).family if "preset" in fields else "gpt")
+    task_name = tree.get("task", {}).get("name") or get_family(family).task
+    if task_name is None:  # a backbone: its config's own defaults
+        return
+    task_cls = get_task(task_name)
+    data_cfg = from_dict(task_cls.data_config_cls, tree.get("data", {}), "data")
+    for key, value in task_cls.placeholder_fields(data_cfg).items():
+        fields.setdefault(key, value)
 
 
 def resolve_model(model: str, overrides: list[str] | dict[str, Any] | None = None) -> tuple[str, str, Any]:
@@ -189,7 +190,8 @@ def inspect_model(model: str, *, batch_size: int = 1, seq_len: int | None = None
     nb = dtype_bytes(dtype)
     fwd = forward_flops(family, cfg, T, rows=rows)
     mem = memory_estimate(family, cfg, batch_size=batch_size, seq_len=T, dtype=dtype, optimizer=optimizer, rows=rows)
-    six_n = 6.0 * (counts["active"] - counts["embedding"])
+    # 6N assumes each weight is used once per token; an image model reuses its weights at every position
+    six_n = None if image else 6.0 * (counts["active"] - counts["embedding"])
     return {
         "model": name, "family": family, "config": to_dict(cfg), "batch_size": batch_size, "seq_len": T,
         "unit": "image" if image else "token",
@@ -254,8 +256,9 @@ def format_report(report: dict[str, Any]) -> str:
         "",
         f"parameters   total {r['params_total']:,}  embedding {r['params_embedding']:,}  "
         f"non-embedding {r['params_non_embedding']:,}  active/{unit} {r['params_active']:,}",
-        f"FLOPs/{unit:6s}{flops};  train (3x) {human(r['flops_train_per_token'])};  6N "
-        f"{human(r['flops_6n_per_token'])};  per step {human(r['flops_train_per_step'])}",
+        f"FLOPs/{unit:6s}{flops};  train (3x) {human(r['flops_train_per_token'])};  "
+        + (f"6N {human(r['flops_6n_per_token'])};  " if r["flops_6n_per_token"] is not None else "")
+        + f"per step {human(r['flops_train_per_step'])}",
         f"memory       weights {human(r['memory_weights_bytes'], 'B')}{buffers}  grads "
         f"{human(r['memory_grads_bytes'], 'B')}  optimizer {human(r['memory_optimizer_bytes'], 'B')}  activations "
         f"{human(r['memory_activations_bytes'], 'B')} (checkpointed "

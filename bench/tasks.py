@@ -37,17 +37,13 @@ HEADLINES = {
 
 
 def n_params(run: Path) -> int:
-    from safetensors import safe_open
+    """Trainable parameters of the run's model (buffers such as BatchNorm statistics excluded)."""
+    from weightsmith.analysis import count_params
+    from weightsmith.registry import build_config
 
-    ckpt = sorted((run / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))[-1]
-    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
-        total = 0
-        for k in f.keys():
-            n = 1
-            for s in f.get_slice(k).get_shape():
-                n *= s
-            total += n
-    return total
+    model = dict(tomllib.loads((run / "config.toml").read_text())["model"])
+    family = model.pop("family")
+    return count_params(family, build_config(family, model))
 
 
 def run_one(recipe: Path, workdir: Path, cache: Path) -> dict:
@@ -74,24 +70,9 @@ def run_one(recipe: Path, workdir: Path, cache: Path) -> dict:
     return row
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("recipes", nargs="+")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--warm-cache", action="store_true", help="reuse $WEIGHTSMITH_CACHE instead of a cold cache")
-    ap.add_argument("--keep", help="move the run directories here (as DIR/<recipe stem>) instead of deleting them")
-    args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="ws-bench-"))
-    cache = Path(os.environ.get("WEIGHTSMITH_CACHE", work / "cache")) if args.warm_cache else work / "cache"
-    rows = []
-    for r in args.recipes:
-        if not args.warm_cache and (cache / "data").exists():
-            shutil.rmtree(cache / "data")  # prepared data is rebuilt per recipe; downloads are kept
-        rows.append(run_one(Path(r).resolve(), work, cache))
-        print(json.dumps(rows[-1]), flush=True)
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-              "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python", *sys.argv]), "rows": rows}
-    out = Path(args.out)
+def render(result: dict, out: Path) -> None:
+    """Write ``result`` to ``out`` (JSON) and a markdown table beside it, and print the table."""
+    rows = result["rows"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     keys = []
@@ -106,8 +87,38 @@ def main() -> None:
         lines.append(f"| {x['recipe']} | {x['task']} | {x['params']:,} | {x['wall_s']} | {x['steps']} | "
                      f"{x['first_loss']:.3f} → {x['last_loss']:.3f} | " + " | ".join(cells)
                      + f" | {rate:,.0f} {unit} | " + (f"{x['mfu']:.1%}" if x.get("mfu") else "n/a") + " |")
-    out.with_suffix(".md").write_text(f"`{result['command']}` on {result['date']}\n\n" + "\n".join(lines) + "\n")
+    note = result.get("note", "")
+    out.with_suffix(".md").write_text(f"`{result['command']}` on {result['date']}\n\n" + "\n".join(lines) + "\n"
+                                      + (f"\n{note}\n" if note else ""))
     print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("recipes", nargs="*")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--recount", metavar="RUNS", help="only recount the parameters of --out's rows from the kept "
+                    "runs in RUNS/<recipe stem> and re-render the table (nothing is trained)")
+    ap.add_argument("--warm-cache", action="store_true", help="reuse $WEIGHTSMITH_CACHE instead of a cold cache")
+    ap.add_argument("--keep", help="move the run directories here (as DIR/<recipe stem>) instead of deleting them")
+    args = ap.parse_args()
+    if args.recount:
+        result = json.loads(Path(args.out).read_text())
+        for row in result["rows"]:
+            row["params"] = n_params(Path(args.recount) / Path(row["recipe"]).stem)
+        render(result, Path(args.out))
+        return
+    work = Path(tempfile.mkdtemp(prefix="ws-bench-"))
+    cache = Path(os.environ.get("WEIGHTSMITH_CACHE", work / "cache")) if args.warm_cache else work / "cache"
+    rows = []
+    for r in args.recipes:
+        if not args.warm_cache and (cache / "data").exists():
+            shutil.rmtree(cache / "data")  # prepared data is rebuilt per recipe; downloads are kept
+        rows.append(run_one(Path(r).resolve(), work, cache))
+        print(json.dumps(rows[-1]), flush=True)
+    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+              "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python", *sys.argv]), "rows": rows}
+    render(result, Path(args.out))
     if args.keep:
         Path(args.keep).mkdir(parents=True, exist_ok=True)
         for r in args.recipes:

@@ -112,3 +112,41 @@ def test_most_confused_pairs():
     m = np.array([[5, 3, 0], [0, 4, 7], [1, 0, 2]])
     assert most_confused(m, ["a", "b", "c"], n=2) == [{"true": "b", "predicted": "c", "count": 7},
                                                       {"true": "a", "predicted": "b", "count": 3}]
+
+
+@pytest.mark.parametrize("family", ["mlp", "resnet", "convnext", "vit"])
+def test_classifier_onnx_export_matches_torch(tmp_path, family):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    from weightsmith.registry import get_family, model_from_config
+    from weightsmith.ship.export_onnx import export_onnx_classifier
+
+    cfg = get_family(family).config_cls()
+    torch.manual_seed(0)
+    model = model_from_config(family, cfg)
+    model.train()
+    model(torch.randn(8, cfg.in_channels, cfg.image_size, cfg.image_size))  # move BatchNorm statistics off init
+    model.eval()
+    path = export_onnx_classifier(model, {"class_names": [str(i) for i in range(cfg.n_classes)]}, tmp_path)
+    x = torch.randn(5, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = ort.InferenceSession(str(path)).run(["logits"], {"images": x.numpy()})[0]
+    assert got.shape == ref.shape == (5, cfg.n_classes)
+    assert np.abs(got - ref).max() < 1e-4
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    assert json.loads((tmp_path / "labels.json").read_text())["class_names"][0] == "0"
+
+
+def test_classifier_run_exports_to_onnx_only(tmp_path, folder, cache_dir):
+    pytest.importorskip("onnxruntime")
+    from weightsmith.errors import ConfigError as CE
+    from weightsmith.ship.export import export_run
+
+    tree = _tree(folder, max_steps=4)
+    run = run_training(recipe_from_tree(tree), tmp_path / "run", log=lambda *a: None)
+    out = export_run(run, "onnx", tmp_path / "onnx")
+    assert (out / "model.onnx").is_file() and (out / "labels.json").is_file()
+    with pytest.raises(CE, match="onnx only"):
+        export_run(run, "hf", tmp_path / "hf")

@@ -134,3 +134,19 @@ def test_plain_progress_lines_when_stdout_is_not_a_terminal(tmp_path, tiny_corpu
     assert [ln.split()[1] for ln in lines] == ["2/6", "4/6", "6/6"]
     assert all("loss" in ln and "tok/s" in ln and "lr" in ln for ln in lines)
     assert json.loads((tmp_path / "run" / "mfu.json").read_text())["datasheet_peak_flops_per_s"] is None
+
+
+def test_tokenizer_json_is_written_atomically(tmp_path, monkeypatch):
+    from weightsmith.data.tokenizers import ByteTokenizer, save_tokenizer
+
+    save_tokenizer(ByteTokenizer(), tmp_path)
+    before = (tmp_path / "tokenizer.json").read_text()
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError):
+        save_tokenizer(ByteTokenizer(), tmp_path)
+    assert (tmp_path / "tokenizer.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]  # no temporary file left behind

@@ -170,8 +170,11 @@ def tokenizer_from_json(obj: dict[str, Any]) -> Tokenizer:
 
 
 def save_tokenizer(tok: Tokenizer, directory: Path) -> Path:
+    """Write ``directory/tokenizer.json`` atomically (weightsmith.fsio)."""
+    from weightsmith.fsio import atomic_write_text
+
     path = Path(directory) / TOKENIZER_FILE
-    path.write_text(json.dumps(tok.to_json()))
+    atomic_write_text(path, json.dumps(tok.to_json()))
     return path
 
 

@@ -139,6 +139,8 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, dtype: str = "f32
     run_dir, out = Path(run_dir), check_new_output(out)
     if not (run_dir / "config.toml").is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.toml)")
+    if (run_dir / "labels.json").is_file():  # an image classifier: ONNX only
+        return _export_classifier(run_dir, fmt, out)
     if not (run_dir / TOKENIZER_FILE).is_file():
         raise DataError(f"{run_dir / TOKENIZER_FILE} is missing; export needs the run's tokenizer")
     family = run_dir_family(run_dir)
@@ -154,6 +156,23 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, dtype: str = "f32
         exporter(run.model, run.tokenizer, tmp, dtype)
         meta = {"format": fmt, "dtype": dtype, "run_dir": str(run_dir.resolve()),
                 "checkpoint": run.checkpoint.name}
+        (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def _export_classifier(run_dir: Path, fmt: str, out: Path) -> Path:
+    """An image-classifier run -> ONNX graph + labels.json (weightsmith.ship.export_onnx)."""
+    from weightsmith.ship.export_onnx import export_onnx_classifier
+    from weightsmith.train.checkpoint import load_run
+
+    if fmt != "onnx":
+        raise ConfigError(f"--format {fmt}: image classifiers export to onnx only")
+    _exporter(fmt)
+    run = load_run(run_dir)
+    labels = json.loads((run_dir / "labels.json").read_text())
+    with atomic_output_dir(out) as tmp:
+        export_onnx_classifier(run.model, labels, tmp)
+        meta = {"format": fmt, "dtype": "f32", "run_dir": str(run_dir.resolve()), "checkpoint": run.checkpoint.name}
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 

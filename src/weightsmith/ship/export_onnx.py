@@ -80,3 +80,32 @@ def export_onnx(model: nn.Module, tokenizer: Any, out_dir: Path, dtype: str = "f
                           external_data=False, verbose=False)
     hf_tokenizer(tokenizer).save(str(Path(out_dir) / "tokenizer.json"))
     return path
+
+
+def export_onnx_classifier(model: nn.Module, labels: dict[str, Any], out_dir: Path) -> Path:
+    """Write ``out_dir/model.onnx`` for an image classifier and ``out_dir/labels.json`` beside it.
+
+    The graph is ``images`` (B, in_channels, image_size, image_size) float32, already normalized as
+    ``labels.json`` says (``(x / 255 - mean) / std`` per channel) -> ``logits`` (B, n_classes) float32,
+    with B dynamic; BatchNorm and dropout are in eval mode.
+
+    Raises:
+        WeightsmithError: ``onnx`` or ``onnxscript`` (the ``interop`` extra) is not installed.
+    """
+    import json
+
+    from weightsmith.ship.export import INTEROP_MODULES, import_interop
+
+    for module in INTEROP_MODULES["onnx"]:
+        import_interop(module, "onnx")
+    cfg = model.config
+    model = model.float().cpu().eval()
+    example = torch.zeros(2, cfg.in_channels, cfg.image_size, cfg.image_size)
+    path = Path(out_dir) / ONNX_FILE
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["logits"],
+                          dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}, dynamo=True,
+                          external_data=False, verbose=False)
+    (Path(out_dir) / "labels.json").write_text(json.dumps(labels, indent=2))
+    return path

@@ -147,8 +147,8 @@ class CausalLM(TextTask):
     def finish(self, model, run_dir, *, device, autocast_dtype, log=print):
         """Full validation eval -> eval.json, and a sample -> samples.txt."""
         from weightsmith.eval.metrics import evaluate_lm
+        from weightsmith.fsio import atomic_write_text
         from weightsmith.ship.generate import generate_text
-        from weightsmith.train.checkpoint import atomic_write_text
 
         result = evaluate_lm(model, self.data.val, self.tokenizer.token_bytes(), self._seq_len,
                              self.train_cfg.eval_batch_size, device, autocast_dtype)

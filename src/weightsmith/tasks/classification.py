@@ -227,7 +227,7 @@ class Classification(Task):
                                   f"remove model.{key} from the recipe to take it from the data")
 
     def write_artifacts(self, run_dir: Path) -> None:
-        from weightsmith.train.checkpoint import atomic_write_text
+        from weightsmith.fsio import atomic_write_text
 
         d = self.data
         labels = {"class_names": d.class_names, **self.normalize_stats, "in_channels": d.in_channels,
@@ -273,7 +273,7 @@ class Classification(Task):
 
     def finish(self, model, run_dir, *, device, autocast_dtype, log=print):
         """Validation and test reports -> eval.json; test confusion matrix -> confusion.json / .png."""
-        from weightsmith.train.checkpoint import atomic_write_text
+        from weightsmith.fsio import atomic_write_text
 
         names = self.data.class_names
         result: dict[str, Any] = {}

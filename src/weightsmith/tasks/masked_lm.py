@@ -228,7 +228,7 @@ class MaskedLM(TextTask):
     def finish(self, model, run_dir, *, device, autocast_dtype, log=print):
         """Masked loss and accuracy over the whole validation split (masked with ``eval_seed``) and the
         unigram baseline at the same positions -> eval.json."""
-        from weightsmith.train.checkpoint import atomic_write_text
+        from weightsmith.fsio import atomic_write_text
 
         s = self._masked_eval(model, None, device, autocast_dtype, unigram=self.unigram())
         n = s["selected"]

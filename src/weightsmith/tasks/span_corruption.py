@@ -222,7 +222,7 @@ class SpanCorruption(TextTask):
     def finish(self, model, run_dir, *, device, autocast_dtype, log=print):
         """Denoising loss and accuracy over the whole validation split (corrupted with ``eval_seed``)
         -> eval.json. ``span_acc`` counts only the dropped text tokens, not the sentinels."""
-        from weightsmith.train.checkpoint import atomic_write_text
+        from weightsmith.fsio import atomic_write_text
 
         s = self._denoise_eval(model, None, device, autocast_dtype)
         n = s["targets"]

@@ -34,36 +34,12 @@ from safetensors.torch import load_model, save_model
 
 from weightsmith.data.prepare import sha256_file
 from weightsmith.errors import CheckpointError
+from weightsmith.fsio import atomic_write_text, fsync_file, fsync_path  # noqa: F401  (re-exported)
 
 CKPT_DIR = "checkpoints"
 WEIGHTS = "model.safetensors"
 STATE = "train_state.pt"
 META = "meta.json"
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a directory (or file) by path, so a rename inside it is durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file, fsync and rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any] | None,
@@ -80,7 +56,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
             torch.save(state, tmp / STATE)
             files.append(STATE)
         for name in files:
-            _fsync_file(tmp / name)
+            fsync_file(tmp / name)
         meta = {"step": step, "files": {n: sha256_file(tmp / n) for n in files}}
         atomic_write_text(tmp / META, json.dumps(meta, indent=2))
         fsync_path(tmp)

@@ -108,6 +108,12 @@ class TextTask(Task):
     def data_manifest(self) -> dict[str, Any]:
         return {"directory": str(self.data.directory), **self.data.manifest}
 
+    @classmethod
+    def for_contract_tests(cls):
+        task = super().for_contract_tests()
+        task._seq_len = 8  # the example batches' window length
+        return task
+
 
 @register_task("causal-lm")
 class CausalLM(TextTask):
@@ -171,9 +177,3 @@ class CausalLM(TextTask):
         T = min(model_cfg.max_seq_len, 8)
         idx = torch.randint(model_cfg.vocab_size, (batch_size, T + 1), generator=generator)
         return idx[:, :-1], idx[:, 1:]
-
-    @classmethod
-    def for_contract_tests(cls):
-        task = super().for_contract_tests()
-        task._seq_len = 8
-        return task

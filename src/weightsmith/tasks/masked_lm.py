@@ -250,9 +250,3 @@ class MaskedLM(TextTask):
         n_real = model_cfg.vocab_size - cls.n_special()
         tokens = torch.randint(n_real, (batch_size, T), generator=generator)
         return mask_tokens(tokens, mask_id=n_real, n_real=n_real, generator=generator)
-
-    @classmethod
-    def for_contract_tests(cls):
-        task = super().for_contract_tests()
-        task._seq_len = 8
-        return task

@@ -289,11 +289,15 @@ def test_cli_inspect_images(capsys):
 
 def test_inspect_image_recipe_takes_data_decided_fields(tmp_path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text('[data]\nn_classes = 7\nin_channels = 3\n[model]\nfamily = "resnet"\nimage_size = 20\n'
+    # an image folder's fields are known only after reading it: the task's stand-ins (2 classes) are used,
+    # with the [data] section's channels and image_size
+    recipe.write_text('[data]\nsource = "some/folder"\nchannels = 3\nimage_size = 20\n[model]\nfamily = "resnet"\n'
                       'depths = [1, 1]\nwidths = [4, 6]\nstem_width = 4\n')
     r = inspect_model(str(recipe), overrides=["--model.stem_pool=false"])
-    assert r["config"]["n_classes"] == 7 and r["config"]["in_channels"] == 3 and "vocab_size" not in r["config"]
-    _, cfg = resolve("resnet", dict(n_classes=7, image_size=20, depths=[1, 1], widths=[4, 6], stem_width=4,
+    assert r["config"]["n_classes"] == 2 and r["config"]["in_channels"] == 3 and "vocab_size" not in r["config"]
+    assert r["config"]["image_size"] == 20
+    _, cfg = resolve("resnet", dict(n_classes=2, in_channels=3, image_size=20, depths=[1, 1], widths=[4, 6],
+                                    stem_width=4,
                                     stem_pool=False))
     assert r["params_total"] == count_params("resnet", cfg)
 

@@ -105,7 +105,7 @@ def export_onnx_classifier(model: nn.Module, labels: dict[str, Any], out_dir: Pa
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["logits"],
-                          dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}, dynamo=True,
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True,
                           external_data=False, verbose=False)
     (Path(out_dir) / "labels.json").write_text(json.dumps(labels, indent=2))
     return path

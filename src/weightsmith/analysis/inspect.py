@@ -204,6 +204,7 @@ def inspect_model(model: str, *, batch_size: int = 1, seq_len: int | None = None
         "flops_train_per_step": 3.0 * fwd["total"] * batch_size * T, "flops_6n_per_token": six_n,
         "kv_cache_bytes_per_token": mem["kv_cache_per_token"],
         "kv_cache_bytes_per_src_token": mem["kv_cache_per_src_token"], "kv_cache_bytes": mem["kv_cache"],
+        "state_bytes_per_seq": mem["state_per_seq"], "state_bytes": mem["state"],
         "checkpoint_bytes": mem["weights"] + mem["buffers"], "memory_weights_bytes": mem["weights"],
         "memory_buffers_bytes": mem["buffers"],
         "memory_grads_bytes": mem["grads"], "memory_optimizer_bytes": mem["optimizer"],
@@ -251,6 +252,8 @@ def format_report(report: dict[str, Any]) -> str:
     buffers = f"  buffers {human(r['memory_buffers_bytes'], 'B')}" if r.get("memory_buffers_bytes") else ""
     kv = "" if image else (f";  KV cache {human(r['kv_cache_bytes_per_token'], 'B')}/token, "
                            f"{human(r['kv_cache_bytes'], 'B')} at B x T")
+    if r.get("state_bytes_per_seq"):  # a recurrent model: a fixed-size state instead of a KV cache
+        kv = f";  state {human(r['state_bytes_per_seq'], 'B')}/sequence, {human(r['state_bytes'], 'B')} at B"
     lines = [
         f"{r['model']} (family {r['family']}) at {at}, dtype={r['dtype']}, optimizer={r['optimizer']}",
         "",

@@ -32,8 +32,8 @@ Peaks:
 - ``train_peak_checkpointed``: the same sum with ``activations_checkpointed``. It adds the transient
   of the start of backward to the largest rebuilt block, which never coexist, so it is an upper-side
   estimate: +3% to +16% of the profiled peak for the tiny gpt, bert and t5 configs of the tests.
-- ``infer_peak = weights + KV cache at (B, T) + the largest per-layer working set of a prefill over
-  (B, T) + the logits``: an estimate (not measured by the tests).
+- ``infer_peak = weights + KV cache at (B, T) (or a recurrent state) + the largest per-layer working set
+  of a prefill over (B, T) + the logits``: an estimate (not measured by the tests).
 """
 
 from __future__ import annotations
@@ -120,9 +120,11 @@ def memory_estimate(family: str, cfg: Any, *, batch_size: int, seq_len: int, dty
     """Bytes of every part of training and inference memory at (batch_size, seq_len).
 
     Returns a dict (all values in bytes): ``weights, buffers, grads, optimizer, activations,
-    activations_checkpointed, kv_cache_per_token, kv_cache_per_src_token, kv_cache, backward_transient,
-    train_peak, train_peak_checkpointed, infer_peak``. ``kv_cache`` is for B sequences of T tokens (and
-    a source of ``src_len`` for T5); an encoder-only model has none (0).
+    activations_checkpointed, kv_cache_per_token, kv_cache_per_src_token, kv_cache, state_per_seq, state,
+    backward_transient, train_peak, train_peak_checkpointed, infer_peak``. ``kv_cache`` is for B sequences
+    of T tokens (and a source of ``src_len`` for T5); an encoder-only model has none (0). ``state_per_seq``
+    is a recurrent model's state (RNN h, c) per sequence, constant in T, and ``state`` that of B sequences;
+    0 for the other families.
 
     Raises:
         ConfigError: unknown dtype or optimizer.
@@ -141,6 +143,7 @@ def memory_estimate(family: str, cfg: Any, *, batch_size: int, seq_len: int, dty
     act_ckpt = activation_bytes(rows, batch_size, seq_len, nb, checkpointing=True, d_model=d_model, src_len=S)
     kv = kv_cache_bytes_per_token(rows, nb)
     kv_total = batch_size * (kv["per_token"] * seq_len + kv["per_src_token"] * S)
+    state_seq = sum(r.state_per_seq for r in rows) * nb
     # prefill working set: the residual stream, the widest layer's live tensors, and the logits
     widest = max((r.act + r.act_ctx * seq_len for r in rows if r.layer is not None), default=0.0)
     head = max((r.act_held for r in rows), default=0.0)
@@ -153,9 +156,10 @@ def memory_estimate(family: str, cfg: Any, *, batch_size: int, seq_len: int, dty
     return {"weights": weights, "buffers": buffers, "grads": grads, "optimizer": opt, "activations": act,
             "activations_checkpointed": act_ckpt, "kv_cache_per_token": kv["per_token"],
             "kv_cache_per_src_token": kv["per_src_token"], "kv_cache": kv_total,
+            "state_per_seq": state_seq, "state": batch_size * state_seq,
             "backward_transient": transient, "train_peak": state + act + transient,
             "train_peak_checkpointed": state + act_ckpt + transient,
-            "infer_peak": weights + buffers + kv_total + infer_work}
+            "infer_peak": weights + buffers + kv_total + batch_size * state_seq + infer_work}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -18,13 +18,18 @@ Past ``max_seq_len`` the cache is dropped and each step re-reads the last ``max_
 the pad counts cut to that window (:func:`window_logits`); see weightsmith.ship.generate for why and
 what it costs. Under greedy decoding every sequence gets the same tokens as when generated on its own
 (tests check), inside the window and past it.
+
+Recurrent models (``model.recurrent``) cannot be padded: a pad token would enter the state. Prompts of
+one length are prefilled together into their rows of one batched state (one forward per distinct
+length), then every step is one batched single-token step for all sequences, with no window
+(:func:`_generate_batch_recurrent`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from weightsmith.ship.generate import check_text_prompt, sample_next
+from weightsmith.ship.generate import check_text_prompt, prompt_limit, sample_next
 
 
 def padded_batch(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +73,8 @@ def generate_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_tok
     As in :func:`weightsmith.ship.generate.generate`, each token is conditioned on the last
     ``max_seq_len`` tokens of its own sequence: the KV cache serves while the padded width (the longest
     sequence) fits in ``max_seq_len``; after that every step is one cache-free forward over the last
-    ``max_seq_len`` columns (:func:`window_logits`).
+    ``max_seq_len`` columns (:func:`window_logits`). A recurrent model has no window and no padding
+    (:func:`_generate_batch_recurrent`).
 
     Returns:
         one token list per prompt: the prompt followed by its continuation.
@@ -81,6 +87,8 @@ def generate_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_tok
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     device = next(model.parameters()).device
+    if getattr(model, "recurrent", False):
+        return _generate_batch_recurrent(model, prompts, max_new_tokens, temperature, top_k, top_p, generator)
     ids, pads = padded_batch(prompts)
     ids, pads = ids.to(device), pads.to(device)
     B, P = ids.shape
@@ -113,19 +121,54 @@ def generate_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_tok
     return [list(p) + buf[b, P:].tolist() for b, p in enumerate(prompts)]
 
 
+def _generate_batch_recurrent(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int,
+                              temperature: float, top_k: int | None, top_p: float | None,
+                              generator: torch.Generator | None) -> list[list[int]]:
+    """:func:`generate_batch` for a recurrent model: no padding; the prompts of each length are
+    prefilled as one (n, length) batch into their rows of the batched state, then B sequences decode
+    together, one single-token step per new token."""
+    device = next(model.parameters()).device
+    if max_new_tokens == 0:
+        return [list(p) for p in prompts]
+    B = len(prompts)
+    state = model.new_cache(B)
+    by_length: dict[int, list[int]] = {}
+    for b, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(b)
+    logits = None  # (B, V)
+    for rows in by_length.values():
+        part = model.new_cache(len(rows))
+        ids = torch.tensor([prompts[b] for b in rows], dtype=torch.long, device=device)  # (n, length)
+        part_logits = model(ids, cache=part, last_only=True)[:, -1]  # (n, V)
+        if logits is None:
+            logits = part_logits.new_empty(B, part_logits.shape[-1])
+        idx = torch.tensor(rows, device=device)
+        logits[idx] = part_logits
+        state.set_rows(idx, part)
+    new = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+    for i in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        new[:, i] = nxt
+        if i + 1 < max_new_tokens:
+            logits = model(nxt[:, None], cache=state)[:, -1]
+    return [list(p) + new[b].tolist() for b, p in enumerate(prompts)]
+
+
 def generate_texts(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 200,
                    temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
                    seed: int = 0) -> list[str]:
     """Batched :func:`weightsmith.ship.generate.generate_text`: texts in, prompt + continuation texts out.
 
-    Every prompt gets exactly ``max_new_tokens`` new tokens (sliding window past ``max_seq_len``).
+    Every prompt gets exactly ``max_new_tokens`` new tokens (sliding window past ``max_seq_len``; none
+    for a recurrent model).
 
     Raises:
-        ValueError: if ``max_new_tokens`` is negative or a prompt alone is longer than ``max_seq_len``.
+        ValueError: if ``max_new_tokens`` is negative or a prompt alone is longer than ``max_seq_len``
+            (any length for a recurrent model).
     """
     device = next(model.parameters()).device
     ids = [tokenizer.encode(p) or [0] for p in prompts]
-    check_text_prompt(max(len(i) for i in ids), model.config.max_seq_len, max_new_tokens)
+    check_text_prompt(max(len(i) for i in ids), prompt_limit(model), max_new_tokens)
     g = torch.Generator(device=device).manual_seed(seed)
     out = generate_batch(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          generator=g)

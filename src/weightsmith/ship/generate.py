@@ -17,6 +17,10 @@ tokens: about the cost of a prefill rather than a decode step. We pay that for e
 equals a naive loop of full forwards over the last ``max_seq_len`` tokens (tests check). A cheaper
 scheme (crop to a shorter window and re-prefill only every few steps) would condition some tokens on
 less context than the model allows.
+
+Recurrent models (``model.recurrent``, the ``lstm`` and ``gru`` families) have no window: their state
+summarizes every token so far, so the whole prompt is prefilled into the state (one forward, whatever
+its length) and each new token is one single-token step at constant cost, past ``max_seq_len`` too.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int, 
 
     Each new token is sampled from the model conditioned on the last ``max_seq_len`` tokens so far (see
     the module docstring: a KV cache while the sequence fits, a sliding window after that); a prompt
-    longer than ``max_seq_len`` is read through its last ``max_seq_len`` tokens.
+    longer than ``max_seq_len`` is read through its last ``max_seq_len`` tokens. A recurrent model
+    (``model.recurrent``) reads the whole prompt into its state and has no window.
 
     Returns:
         (B, T0 + max_new_tokens) token ids (prompt included).
@@ -67,6 +72,8 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int, 
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if getattr(model, "recurrent", False):
+        return _generate_recurrent(model, prompt, max_new_tokens, temperature, top_k, top_p, generator)
     B, T0 = prompt.shape
     total = T0 + max_new_tokens
     L = model.config.max_seq_len
@@ -91,6 +98,26 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int, 
     return out
 
 
+def _generate_recurrent(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int, temperature: float,
+                        top_k: int | None, top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
+    """:func:`generate` for a recurrent model: the whole prompt (B, T0) into the state, then one
+    single-token step per new token; no window. Returns (B, T0 + max_new_tokens)."""
+    B, T0 = prompt.shape
+    total = T0 + max_new_tokens
+    out = torch.empty(B, total, dtype=torch.long, device=prompt.device)
+    out[:, :T0] = prompt
+    if max_new_tokens == 0:
+        return out
+    state = model.new_cache(B)
+    logits = model(prompt, cache=state, last_only=True)[:, -1]  # prefill, (B, V)
+    for t in range(T0, total):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        out[:, t] = nxt
+        if t + 1 < total:
+            logits = model(nxt[:, None], cache=state, start=t)[:, -1]
+    return out
+
+
 def window_logits(model: torch.nn.Module, ids: torch.Tensor, n: int) -> torch.Tensor:
     """Next-token logits (B, V) after ``ids[:, :n]`` from one cache-free forward over its last
     ``max_seq_len`` tokens, at positions ``0 .. max_seq_len - 1`` (ids: (B, >= n) int64)."""
@@ -98,15 +125,21 @@ def window_logits(model: torch.nn.Module, ids: torch.Tensor, n: int) -> torch.Te
     return model(ids[:, max(n - L, 0):n], last_only=True)[:, -1]
 
 
-def check_text_prompt(n_tokens: int, max_seq_len: int, max_new_tokens: int) -> None:
-    """The text-level checks shared by the ``*_text`` functions.
+def prompt_limit(model: torch.nn.Module) -> int | None:
+    """The longest prompt ``model`` reads whole: ``max_seq_len``, or None (no limit) for a recurrent model."""
+    return None if getattr(model, "recurrent", False) else model.config.max_seq_len
+
+
+def check_text_prompt(n_tokens: int, max_seq_len: int | None, max_new_tokens: int) -> None:
+    """The text-level checks shared by the ``*_text`` functions; ``max_seq_len=None``: no prompt limit
+    (a recurrent model, see :func:`prompt_limit`).
 
     Raises:
         ValueError: ``max_new_tokens`` < 0, or a prompt of ``n_tokens`` tokens longer than ``max_seq_len``.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if n_tokens > max_seq_len:
+    if max_seq_len is not None and n_tokens > max_seq_len:
         raise ValueError(f"prompt is {n_tokens} tokens, longer than max_seq_len={max_seq_len}; shorten it")
 
 
@@ -116,15 +149,15 @@ def generate_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens
     """Decode a continuation of ``prompt`` (text in, prompt + continuation text out).
 
     Exactly ``max_new_tokens`` tokens are generated, past ``max_seq_len`` too (sliding window, see
-    :func:`generate`).
+    :func:`generate`; a recurrent model needs none).
 
     Raises:
         ValueError: if ``max_new_tokens`` is negative, or the prompt alone is longer than ``max_seq_len``
-            tokens (it would be cut, and its start silently ignored).
+            tokens (it would be cut, and its start silently ignored); a recurrent model reads any prompt.
     """
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt) or [0]
-    check_text_prompt(len(ids), model.config.max_seq_len, max_new_tokens)
+    check_text_prompt(len(ids), prompt_limit(model), max_new_tokens)
     g = torch.Generator(device=device).manual_seed(seed)
     out = generate(model, torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, generator=g)

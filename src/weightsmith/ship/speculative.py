@@ -86,8 +86,12 @@ def speculative_generate(target: torch.nn.Module, draft: torch.nn.Module, prompt
         "acceptance_rate" (accepted / drafted), "target_forwards", "tokens_per_round", "seconds"}``.
 
     Raises:
-        ValueError: batch size other than 1, different vocabularies, or a negative ``max_new_tokens``.
+        ValueError: batch size other than 1, different vocabularies, a negative ``max_new_tokens``, or a
+            recurrent model (``model.recurrent``) as target or draft.
     """
+    if getattr(target, "recurrent", False) or getattr(draft, "recurrent", False):
+        raise ValueError("speculative decoding rolls rejected drafts back in a position-indexed KV cache; "
+                         "a recurrent model (lstm, gru) cannot rewind its state, use plain generation")
     if prompt.shape[0] != 1:
         raise ValueError(f"speculative decoding runs one sequence at a time, got batch {prompt.shape[0]}")
     if target.config.vocab_size != draft.config.vocab_size:

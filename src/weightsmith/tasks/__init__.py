@@ -4,8 +4,11 @@
     masked-lm        BERT's masked-token prediction                      (bert)
     span-corruption  T5's denoising of corrupted spans                   (t5)
     classification   image classification with cross-entropy             (mlp, resnet, convnext, vit)
+    recall           synthetic associative recall (MQAR, needle)         (any causal-lm family)
 
-Each model family names its default task when it registers; a recipe may name another in ``[task]``.
+Each model family names its default task when it registers; a recipe may name another in ``[task]``
+if that task lists the family's default task in its ``also_trains`` (``recall`` trains every
+``causal-lm`` family: same forward protocol, another objective).
 The contract every task follows is :class:`weightsmith.tasks.base.Task`.
 """
 
@@ -17,7 +20,7 @@ from collections.abc import Callable
 from weightsmith.errors import ConfigError
 
 _TASKS: dict[str, type] = {}
-_MODULES = ("causal_lm", "masked_lm", "span_corruption", "classification")
+_MODULES = ("causal_lm", "masked_lm", "span_corruption", "classification", "recall")
 
 
 def register_task(name: str) -> Callable[[type], type]:
@@ -86,7 +89,7 @@ def task_for(family: str, name: str | None = None) -> type:
                               f"available); trainable families: {listing}")
         return _TASKS[fam.task]
     cls = get_task(name)
-    if name != fam.task:
+    if name != fam.task and fam.task not in getattr(cls, "also_trains", ()):
         raise ConfigError(f"task.name='{name}' cannot train model.family='{family}' (it trains with "
                           f"'{fam.task}'); trainable families: {listing}")
     return cls

@@ -50,6 +50,8 @@ class Task:
         unit: what :meth:`count` counts, plural (``tokens``, ``images``); metrics.jsonl logs the running
             total under this key and the rate under ``rate_key``.
         rate_key: metrics.jsonl key of units per second (``tok_per_s``, ``img_per_s``).
+        also_trains: default tasks of other families this task can train too (their models follow the
+            same forward protocol), e.g. ``("causal-lm",)`` for ``recall``.
     """
 
     name: ClassVar[str]
@@ -57,6 +59,7 @@ class Task:
     data_config_cls: ClassVar[type]
     unit: ClassVar[str] = "tokens"
     rate_key: ClassVar[str] = "tok_per_s"
+    also_trains: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any, data_cfg: Any, train_cfg: Any, sample_cfg: Any = None) -> None:
         self.cfg, self.data_cfg, self.train_cfg, self.sample_cfg = cfg, data_cfg, train_cfg, sample_cfg

@@ -395,6 +395,9 @@ def report_mfu(run_dir: Path, task, family: str, model_cfg, metrics_path: Path, 
         return None
     rows = [r for r in _read_metrics(metrics_path) if task.rate_key in r]
     rates = [r[task.rate_key] for r in rows][1:] or [r[task.rate_key] for r in rows]
+    if not rates:
+        log("MFU skipped: no step was logged (the run stopped before train.log_every steps)")
+        return None
     rate = float(np.median(rates))
     dtype_name = "bf16" if bf16 else "fp32"
     dtype = torch.bfloat16 if bf16 else torch.float32

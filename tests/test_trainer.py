@@ -150,3 +150,28 @@ def test_tokenizer_json_is_written_atomically(tmp_path, monkeypatch):
         save_tokenizer(ByteTokenizer(), tmp_path)
     assert (tmp_path / "tokenizer.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]  # no temporary file left behind
+
+
+def test_layer_grad_norms_partition_the_total_norm_and_are_logged(tmp_path, tiny_corpus):
+    import torch
+
+    from weightsmith.train.loop import grad_group, layer_grad_norms, train
+
+    assert grad_group("blocks.3.attn.q_proj.weight") == "blocks.3" and grad_group("tok_emb.weight") == "tok_emb"
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, d_model=8, n_layers=3, n_heads=2, max_seq_len=8))
+    idx = torch.randint(11, (2, 8))
+    model(idx).logsumexp(-1).sum().backward()
+    groups, total = layer_grad_norms(model)
+    assert list(groups) == ["tok_emb", "blocks.0", "blocks.1", "blocks.2", "final_norm"]
+    ref = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    assert total == pytest.approx(float(ref), rel=1e-5)
+    assert sum(v * v for v in groups.values()) == pytest.approx(total * total, rel=1e-5)
+    block1 = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if n.startswith("blocks.1.")])
+    assert groups["blocks.1"] == pytest.approx(float(block1.norm()), rel=1e-5)
+
+    run = train(_recipe(tmp_path, tiny_corpus, steps=6), ["--train.log_grad_norms=true"], out=tmp_path / "run",
+                log=lambda *a: None)
+    rows = [r for r in _read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 6 and all(set(r["grad_norm"]) >= {"tok_emb", "blocks.0"} and r["grad_norm_total"] > 0
+                                  for r in rows)

@@ -19,7 +19,10 @@ class TrainConfig:
     ``aux_loss_coef`` scales the auxiliary losses that modules leave in ``.aux_loss`` (MoE load balancing,
     Fedus et al. 2021) before they are added to the language-model loss; the logged loss excludes them.
     ``activation_checkpointing`` recomputes every block in the backward pass instead of storing its
-    activations (weightsmith.train.activation_checkpointing)."""
+    activations (weightsmith.train.activation_checkpointing). ``log_grad_norms`` adds, to every logged
+    step, the L2 norm of the gradient per layer (``grad_norm``: {group: norm}, before clipping; a group is
+    a parameter name cut after its first numeric part, ``blocks.3``, or its first part, ``tok_emb``) and
+    over all parameters (``grad_norm_total``)."""
 
     seed: int = 1337
     device: str = "cpu"
@@ -43,6 +46,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     aux_loss_coef: float = 0.01
     log_every: int = 10
+    log_grad_norms: bool = False
     eval_every: int = 250
     eval_tokens: int = 32768
     eval_batch_size: int = 16

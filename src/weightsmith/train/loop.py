@@ -307,6 +307,9 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
                 seen += task.count(batch)
+            norms = None
+            if tc.log_grad_norms and ((step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps):
+                norms = layer_grad_norms(model)
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
@@ -322,6 +325,8 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
                 run_s = elapsed_before + now - t_start
                 row = {"step": step, "loss": loss_val, **{k: v / tc.grad_accum for k, v in parts_sum.items()},
                        "lr": lr, task.unit: seen, task.rate_key: rate, "elapsed_s": run_s}
+                if norms is not None:
+                    row["grad_norm"], row["grad_norm_total"] = norms
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 t_last, seen_last = now, seen
@@ -377,6 +382,27 @@ def datasheet_peak(device: str, dtype: str) -> float | None:
         if key in name:
             return peaks.get(dtype)
     return None
+
+
+def grad_group(name: str) -> str:
+    """The layer a parameter belongs to: its name cut after the first numeric part (``blocks.3.attn.q.weight``
+    -> ``blocks.3``), else its first part (``tok_emb.weight`` -> ``tok_emb``)."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[:i + 1])
+    return parts[0]
+
+
+@torch.no_grad()
+def layer_grad_norms(model: torch.nn.Module) -> tuple[dict[str, float], float]:
+    """({layer group: L2 norm of its gradients}, L2 norm over all gradients), in model order."""
+    sq: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            g = grad_group(name)
+            sq[g] = sq.get(g, 0.0) + float(p.grad.detach().float().pow(2).sum())
+    return {g: v ** 0.5 for g, v in sq.items()}, sum(sq.values()) ** 0.5
 
 
 def report_mfu(run_dir: Path, task, family: str, model_cfg, metrics_path: Path, device: str, bf16: bool,

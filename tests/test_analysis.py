@@ -25,6 +25,15 @@ TINY = {
                                 max_seq_len=64, tie_embeddings=False)),
     "moe": ("gpt", dict(vocab_size=53, d_model=40, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=24, n_experts=5,
                         n_experts_per_token=2, max_seq_len=64)),
+    # the E2 / E5 ablation variants: positions and norms without parameters or with new ones
+    "sinusoidal-dyt": ("gpt", dict(vocab_size=53, d_model=40, n_layers=2, n_heads=4, d_ff=56, max_seq_len=64,
+                                   pos="sinusoidal", norm="dyt", mlp="gelu", bias=True)),
+    "alibi-no-norm": ("gpt", dict(vocab_size=53, d_model=40, n_layers=2, n_heads=5, n_kv_heads=1, d_ff=56,
+                                  max_seq_len=64, pos="alibi", norm="none")),
+    "nope-dyt": ("gpt", dict(vocab_size=53, d_model=40, n_layers=2, n_heads=4, d_ff=56, max_seq_len=64,
+                             pos="none", norm="dyt")),
+    "rope-yarn": ("gpt", dict(vocab_size=53, d_model=40, n_layers=2, n_heads=4, d_ff=56, max_seq_len=64,
+                              rope_scaling="yarn", rope_scale=4.0, rope_original_max_seq_len=16)),
     "bert": ("bert", dict(vocab_size=53, d_model=40, n_layers=2, n_heads=4, d_ff=56, max_seq_len=64)),
     "t5": ("t5", dict(vocab_size=53, d_model=40, n_layers=2, n_decoder_layers=3, n_heads=4, d_head=7, d_ff=56,
                       rel_buckets=8, rel_max_distance=16)),
@@ -68,7 +77,8 @@ def test_analytic_params_equal_numel_for_random_small_configs():
                   d_ff=rng.randint(3, 50))
         if family == "gpt":
             kw.update(n_kv_heads=rng.choice([k for k in (1, 2, 3, 4) if heads % k == 0]),
-                      norm=rng.choice(["layernorm", "rmsnorm"]), pos=rng.choice(["learned", "rope"]),
+                      norm=rng.choice(["layernorm", "rmsnorm", "dyt", "none"]),
+                      pos=rng.choice(["learned", "rope", "sinusoidal", "alibi", "none"]),
                       bias=rng.random() < 0.5, tie_embeddings=rng.random() < 0.5, max_seq_len=rng.randint(4, 40))
             if rng.random() < 0.3:
                 kw.update(mlp="swiglu", n_experts=rng.randint(1, 5), n_experts_per_token=1)
@@ -162,7 +172,8 @@ def _saved_activation_bytes(family, model, x, src=None):
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("key", ["gpt2-style", "llama-style", "moe", "bert", "t5"])
+@pytest.mark.parametrize("key", ["gpt2-style", "llama-style", "moe", "bert", "t5", "sinusoidal-dyt", "alibi-no-norm",
+                                 "nope-dyt", "rope-yarn"])
 def test_activation_count_matches_saved_tensors(key):
     family, cfg, model = _build(key)
     B, T = 3, 19

@@ -13,10 +13,13 @@ Saved activations (``act``, elements per token of the row's stream) follow what 
 for *our* modules, checked against ``torch.autograd.graph.saved_tensors_hooks`` in the tests (the
 analysis of Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
 done for this code): a linear layer keeps its input, LayerNorm its input and two statistics per token,
-our RMSNorm its input, the normalized tensor and one statistic, GELU/ReLU/SiLU their input or output,
+our RMSNorm its input, the normalized tensor and one statistic, DyT its input and the tanh, GELU/ReLU/SiLU
+their input or output,
 ``scaled_dot_product_attention`` (flash kernel) q, k, v, the output and one log-sum-exp per head. T5's
 attention, whose learned bias needs a gradient, runs SDPA's math path and keeps the (T, S) softmax per
-head instead (``act_ctx``, elements per token per context position).
+head instead (``act_ctx``, elements per token per context position). GPT's ALiBi bias is one additive
+(1, H, T, T) mask that every layer's SDPA (the CPU flash kernel takes float masks) keeps, the same tensor
+for all layers and the whole batch (``act_pos_ctx``).
 """
 
 from __future__ import annotations
@@ -46,11 +49,13 @@ class Row:
     act_src: float = 0.0  # ... per source token
     act_ctx: float = 0.0  # ... per token per context position (attention probabilities on the math path)
     act_pos: float = 0.0  # ... per position, shared by the batch (RoPE cos/sin tables; images: BatchNorm stats)
+    act_pos_ctx: float = 0.0  # ... per position per context position, shared by the batch (ALiBi's bias)
     act_held: float = 0.0  # alive until backward but held by the caller, not autograd (the logits)
     active: float = 1.0  # fraction of the parameters one token uses (MoE experts: k / E)
     embedding: bool = False  # token, position or token-type embedding table
     kv_per_token: int = 0  # KV-cache elements per token of the stream (decoder self-attention)
     kv_per_src: int = 0  # ... per source token (T5 cross-attention keys/values)
+    state_per_seq: int = 0  # recurrent state elements per sequence, constant in T (RNN h, c)
     buffers: int = 0  # floating-point buffer elements saved with the weights (BatchNorm running mean, var)
     block_input: float = 0.0  # elements per token a checkpointed block keeps, its input (0: d_model)
     notes: str = ""
@@ -74,9 +79,15 @@ def _linear(name: str, d_in: int, d_out: int, bias: bool) -> tuple[tuple[str, Sh
 
 def _norm(path: str, kind: str, d: int, bias: bool, stream: str = "main", extra_act: int = 0,
           notes: str = "") -> Row:
-    """LayerNorm keeps its input + mean + rstd; our RMSNorm its input, the normalized x and 1/rms."""
+    """LayerNorm keeps its input + mean + rstd; our RMSNorm its input, the normalized x and 1/rms; DyT
+    (alpha, weight, bias if ``bias``) its input and tanh(alpha x); ``"none"`` (identity) nothing."""
     if kind == "rmsnorm":
         return Row(path, "norm", ((f"{path}.weight", (d,)),), stream=stream, act=2 * d + 1 + extra_act, notes=notes)
+    if kind == "none":
+        return Row(path, "norm", (), stream=stream, act=extra_act, notes=notes or "identity")
+    if kind == "dyt":
+        w = ((f"{path}.alpha", (1,)), (f"{path}.weight", (d,))) + (((f"{path}.bias", (d,)),) if bias else ())
+        return Row(path, "norm", w, stream=stream, act=2 * d + extra_act, notes=notes)
     w = ((f"{path}.weight", (d,)),) + (((f"{path}.bias", (d,)),) if bias else ())
     return Row(path, "norm", w, stream=stream, act=d + 2 + extra_act, notes=notes)
 
@@ -132,8 +143,13 @@ def gpt_rows(cfg: Any) -> list[Row]:
     rows = [Row("tok_emb", "embedding", (("tok_emb.weight", (V, d)),), embedding=True)]
     if cfg.pos == "learned":
         rows.append(Row("pos_emb", "embedding", (("pos_emb.weight", (cfg.max_seq_len, d)),), embedding=True))
-    else:
+    elif cfg.pos == "rope":
         rows.append(Row("rope", "bias", act_pos=2 * cfg.d_head, notes="cos/sin tables (T, d_head), no parameters"))
+    elif cfg.pos == "sinusoidal":
+        rows.append(Row("pos_table", "bias", notes="fixed sin/cos table (T, d_model) added to tok_emb; no parameters"))
+    elif cfg.pos == "alibi":
+        rows.append(Row("alibi", "bias", act_pos_ctx=cfg.n_heads,
+                        notes="(1, H, T, T) additive attention bias, shared by every layer; no parameters"))
     for i in range(cfg.n_layers):
         b = f"blocks.{i}"
         rows.append(_norm(f"{b}.attn_norm", cfg.norm, d, cfg.bias))
@@ -258,11 +274,15 @@ def _with_layer(row: Row) -> Row:
     return row
 
 
+from weightsmith.analysis.components_mamba2 import hybrid_rows, mamba2_rows  # noqa: E402 (imports the helpers)
+from weightsmith.analysis.components_rnn import rnn_rows  # noqa: E402 (it imports the helpers above)
 from weightsmith.analysis.components_vision import convnext_rows, mlp_rows, resnet_rows  # noqa: E402 (uses Row)
 from weightsmith.analysis.components_vit import vit_rows  # noqa: E402 (it imports the helpers above)
 
 _BUILDERS = {"gpt": gpt_rows, "bert": bert_rows, "bert-mlm": bert_mlm_rows, "t5": t5_rows, "vit": vit_rows,
-             "mlp": mlp_rows, "resnet": resnet_rows, "convnext": convnext_rows}
+             "mlp": mlp_rows, "resnet": resnet_rows, "convnext": convnext_rows,
+             "lstm": rnn_rows, "gru": rnn_rows,
+             "mamba2": mamba2_rows, "hybrid": hybrid_rows}
 
 
 def rows_for(family: str, cfg: Any) -> list[Row]:

@@ -253,7 +253,8 @@ def format_report(report: dict[str, Any]) -> str:
     kv = "" if image else (f";  KV cache {human(r['kv_cache_bytes_per_token'], 'B')}/token, "
                            f"{human(r['kv_cache_bytes'], 'B')} at B x T")
     if r.get("state_bytes_per_seq"):  # a recurrent model: a fixed-size state instead of a KV cache
-        kv = f";  state {human(r['state_bytes_per_seq'], 'B')}/sequence, {human(r['state_bytes'], 'B')} at B"
+        kv = (kv if r["kv_cache_bytes_per_token"] else "") + (  # a hybrid has both
+            f";  state {human(r['state_bytes_per_seq'], 'B')}/sequence, {human(r['state_bytes'], 'B')} at B")
     lines = [
         f"{r['model']} (family {r['family']}) at {at}, dtype={r['dtype']}, optimizer={r['optimizer']}",
         "",

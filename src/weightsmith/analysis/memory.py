@@ -72,7 +72,7 @@ def row_activation_elements(row: Row, batch_size: int, seq_len: int, src_len: in
     n = {"main": seq_len, "src": S, "seq": 1}[row.stream]
     ctx = S if row.context == "src" or row.stream == "src" else seq_len
     per_seq = (row.act + row.act_held) * n + row.act_src * S + row.act_ctx * n * ctx
-    return batch_size * per_seq + row.act_pos * seq_len
+    return batch_size * per_seq + row.act_pos * seq_len + row.act_pos_ctx * seq_len * ctx
 
 
 def activation_bytes(rows: list[Row], batch_size: int, seq_len: int, nbytes: int, *, checkpointing: bool = False,

@@ -5,11 +5,14 @@ Sources:
   LayerNorm, GELU MLP, learned positions, tied embeddings, biases).
 - Touvron et al. 2023, "Llama 2" (RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases).
 - Karpathy, nanoGPT ``model.py`` for the layout of the code.
+- Ablation variants: sinusoidal positions (Vaswani et al. 2017), ALiBi (Press et al. 2022), no positions
+  (NoPE, Kazemnejad et al. 2023), RoPE context scaling (linear / NTK / YaRN, layers/rope.py), and DyT
+  (Zhu et al. 2025) or no normalization (layers/norms.py).
 
 Data flow, shape legend B batch, T sequence, D = d_model, V = vocab_size::
 
-    idx (B, T) -> tok_emb (B, T, D) [+ pos_emb if pos == "learned"]
-      -> n_layers x [ x + attn(norm(x)) ; x + mlp(norm(x)) ]     (RoPE inside attention)
+    idx (B, T) -> tok_emb (B, T, D) [+ pos_emb if pos == "learned" | + fixed table if "sinusoidal"]
+      -> n_layers x [ x + attn(norm(x)) ; x + mlp(norm(x)) ]     (RoPE / ALiBi inside attention)
       -> final norm -> lm_head -> logits (B, T, V)
 
 Initialization follows GPT-2: every weight ~ N(0, init_std), and the two projections that write into
@@ -32,7 +35,8 @@ from weightsmith.models.layers.attention import Attention, KVCache
 from weightsmith.models.layers.mlp import make_mlp
 from weightsmith.models.layers.moe import MoE
 from weightsmith.models.layers.norms import make_norm
-from weightsmith.models.layers.rope import rope_cos_sin, rope_frequencies
+from weightsmith.models.layers.positions import alibi_bias, alibi_slopes, sinusoidal_embedding
+from weightsmith.models.layers.rope import rope_cos_sin, rope_frequencies, scaled_rope_frequencies
 from weightsmith.registry import register_family, register_preset
 
 
@@ -44,6 +48,19 @@ class GPTConfig:
     d_model`` for GELU, and for SwiGLU ``8/3 * d_model`` rounded up to a multiple of 64 (LLaMA's rule).
     ``n_experts > 0`` replaces every MLP by a top-``n_experts_per_token`` mixture of SwiGLU experts of
     width ``d_ff`` (layers/moe.py); 0 keeps the dense MLP.
+
+    ``pos`` is ``"learned"`` (a max_seq_len x d_model table), ``"rope"``, ``"sinusoidal"`` (fixed sin/cos
+    added to the embedding, no parameters), ``"alibi"`` (a per-head linear bias on the attention scores) or
+    ``"none"`` (NoPE: only the causal mask tells positions apart). ``norm`` is ``"layernorm"``,
+    ``"rmsnorm"``, ``"dyt"`` (``weight * tanh(alpha * x) + bias``, bias if ``bias``) or ``"none"``
+    (identity). ``dyt_alpha0`` is DyT's initial alpha (the paper's alpha_0). ``rope_scaling`` extends a RoPE
+    model's context by the factor ``rope_scale`` (layers/rope.py): ``"linear"`` interpolates positions,
+    ``"ntk"`` raises the base, ``"yarn"`` interpolates the slow frequencies only and sharpens the logits;
+    typically set at load time together with a larger ``max_seq_len`` (the weights do not depend on it).
+    ``rope_scale`` is that factor s >= 1, the new context over the training one (1 = no change).
+    ``rope_original_max_seq_len=None`` means ``max_seq_len`` and is resolved and saved with the run, so a
+    later ``max_seq_len`` override keeps the training context that YaRN's ramp needs.
+    ``yarn_alpha`` and ``yarn_beta`` bound YaRN's ramp, in rotations over that context (paper: 1 and 32).
     """
 
     vocab_size: int = 256
@@ -55,14 +72,20 @@ class GPTConfig:
     n_experts: int = 0
     n_experts_per_token: int = 2
     max_seq_len: int = 256
-    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    norm: Literal["layernorm", "rmsnorm", "dyt", "none"] = "rmsnorm"
     mlp: Literal["gelu", "swiglu"] = "swiglu"
-    pos: Literal["learned", "rope"] = "rope"
+    pos: Literal["learned", "rope", "sinusoidal", "alibi", "none"] = "rope"
     rope_theta: float = 10000.0
+    rope_scaling: Literal["none", "linear", "ntk", "yarn"] = "none"
+    rope_scale: float = 1.0
+    rope_original_max_seq_len: int | None = None
+    yarn_alpha: float = 1.0
+    yarn_beta: float = 32.0
     tie_embeddings: bool = True
     dropout: float = 0.0
     bias: bool = False
     norm_eps: float = 1e-5
+    dyt_alpha0: float = 0.5
     init_std: float = 0.02
     d_head: int = field(init=False)
 
@@ -81,6 +104,9 @@ class GPTConfig:
         self.d_head = self.d_model // self.n_heads
         if self.pos == "rope" and self.d_head % 2:
             raise ConfigError(f"model.d_head={self.d_head} must be even for pos='rope'")
+        if self.pos == "sinusoidal" and self.d_model % 2:
+            raise ConfigError(f"model.d_model={self.d_model} must be even for pos='sinusoidal'")
+        self._check_rope_scaling()
         if self.d_ff is None:
             if self.mlp == "gelu":
                 self.d_ff = 4 * self.d_model
@@ -96,16 +122,36 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
+    def _check_rope_scaling(self) -> None:
+        if self.rope_original_max_seq_len is None:  # resolved, so it is saved with the run
+            self.rope_original_max_seq_len = self.max_seq_len
+        if self.rope_scaling == "none":
+            if self.rope_scale != 1.0:
+                raise ConfigError(f"model.rope_scale={self.rope_scale} needs model.rope_scaling "
+                                  "('linear', 'ntk' or 'yarn'); it is 'none'")
+            return
+        if self.pos != "rope":
+            raise ConfigError(f"model.rope_scaling={self.rope_scaling!r} needs pos='rope', got pos={self.pos!r}")
+        if not self.rope_scale >= 1.0:
+            raise ConfigError(f"model.rope_scale must be >= 1 (the context extension factor), got {self.rope_scale}")
+        if self.rope_scaling == "ntk" and self.d_head <= 2:
+            raise ConfigError(f"model.d_head={self.d_head} must be > 2 for rope_scaling='ntk'")
+        if self.rope_scaling == "yarn":
+            require_positive(self, ("rope_original_max_seq_len",))
+            if not 0 < self.yarn_alpha < self.yarn_beta:
+                raise ConfigError(f"model.yarn_alpha={self.yarn_alpha} and yarn_beta={self.yarn_beta} must "
+                                  "satisfy 0 < yarn_alpha < yarn_beta")
+
 
 class Block(nn.Module):
     """Pre-norm transformer block, (B, T, D) -> (B, T, D)."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, alpha0=cfg.dyt_alpha0)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, bias=cfg.bias,
                               dropout=cfg.dropout, causal=True)
-        self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, alpha0=cfg.dyt_alpha0)
         if cfg.n_experts:
             self.mlp = MoE(cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.n_experts_per_token, bias=cfg.bias,
                            dropout=cfg.dropout)
@@ -128,7 +174,7 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, alpha0=cfg.dyt_alpha0)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -139,6 +185,13 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.d_head, device=dev), persistent=False)
         else:
             self.inv_freq = None
+        self.rope_mscale = 1.0  # YaRN's factor on q and k, folded into the cos/sin tables
+        # derived, not saved either: the sinusoidal table (max_seq_len, D) and ALiBi's slopes (H,)
+        dev = self.tok_emb.weight.device
+        self.register_buffer("pos_table", torch.empty(cfg.max_seq_len, cfg.d_model, device=dev)
+                             if cfg.pos == "sinusoidal" else None, persistent=False)
+        self.register_buffer("alibi_slopes", torch.empty(cfg.n_heads, device=dev)
+                             if cfg.pos == "alibi" else None, persistent=False)
         if self.tok_emb.weight.device.type != "meta":
             self.reset_parameters()
 
@@ -148,7 +201,9 @@ class GPT(nn.Module):
         std = self.config.init_std
         resid_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
-            if p.dim() == 1:  # norm gains and biases
+            if name.endswith("norm.alpha"):  # DyT's scalar
+                nn.init.constant_(p, self.config.dyt_alpha0)
+            elif p.dim() == 1:  # norm gains and biases
                 if name.endswith("bias"):
                     nn.init.zeros_(p)
                 else:
@@ -161,15 +216,35 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
-        """Recompute the non-persistent RoPE buffers: ``inv_freq`` (d_head/2,) and the cos/sin tables
-        (max_seq_len, d_head) that the forward pass slices instead of recomputing them every call
-        (a decode step is dominated by per-op overhead on CPU). Call after materializing from meta."""
-        if self.inv_freq is None:
-            return
+        """Recompute the non-persistent buffers: RoPE's ``inv_freq`` (d_head/2,) (after ``rope_scaling``)
+        and the cos/sin tables (max_seq_len, d_head) that the forward pass slices instead of recomputing
+        them every call (a decode step is dominated by per-op overhead on CPU); the sinusoidal table
+        (max_seq_len, d_model); ALiBi's slopes (n_heads,). Call after materializing from meta."""
         cfg = self.config
         dev = self.tok_emb.weight.device
-        self.inv_freq = rope_frequencies(cfg.d_head, cfg.rope_theta).to(dev)
-        self.rope_cos, self.rope_sin = rope_cos_sin(torch.arange(cfg.max_seq_len, device=dev), self.inv_freq)
+        if self.pos_table is not None:
+            self.pos_table = sinusoidal_embedding(torch.arange(cfg.max_seq_len, device=dev), cfg.d_model)
+        if self.alibi_slopes is not None:
+            self.alibi_slopes = alibi_slopes(cfg.n_heads).to(dev)
+        if self.inv_freq is None:
+            return
+        if cfg.rope_scaling == "none":
+            self.inv_freq = rope_frequencies(cfg.d_head, cfg.rope_theta).to(dev)
+        else:
+            inv_freq, self.rope_mscale = scaled_rope_frequencies(
+                cfg.d_head, cfg.rope_theta, scaling=cfg.rope_scaling, scale=cfg.rope_scale,
+                original_max_seq_len=cfg.rope_original_max_seq_len, yarn_alpha=cfg.yarn_alpha,
+                yarn_beta=cfg.yarn_beta)
+            self.inv_freq = inv_freq.to(dev)
+        self.rope_cos, self.rope_sin = self.rope_tables(torch.arange(cfg.max_seq_len, device=dev))
+
+    def rope_tables(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for positions ``pos`` (T,) or (B, T), each ``pos.shape + (d_head,)``, with YaRN's
+        ``rope_mscale`` folded in (it scales q and k, so the logits by its square)."""
+        cos, sin = rope_cos_sin(pos, self.inv_freq)
+        if self.rope_mscale != 1.0:
+            cos, sin = cos * self.rope_mscale, sin * self.rope_mscale
+        return cos, sin
 
     def new_cache(self, batch_size: int, max_len: int | None = None,
                   dtype: torch.dtype | None = None) -> list[KVCache]:
@@ -189,9 +264,12 @@ class GPT(nn.Module):
             idx: token ids (B, T), int64.
             cache: per-layer KV caches from :meth:`new_cache`; positions ``[0, start)`` are already filled.
             start: absolute position of ``idx[:, 0]`` (with a cache).
-            pos: explicit positions (T,) or (B, T) for RoPE or learned embeddings, e.g. per-sequence
-                positions of a left-padded batch; default ``start + arange(T)``.
-            attn_mask: boolean (B, 1, T, start + T) mask, True = attend; replaces the causal mask.
+            pos: explicit positions (T,) or (B, T) for RoPE, learned or sinusoidal embeddings, e.g.
+                per-sequence positions of a left-padded batch; default ``start + arange(T)``. ALiBi reads
+                column distances ``(start + i) - j`` instead, which equal position distances whenever each
+                row's positions are its columns shifted by a constant (left padding); ``"none"`` ignores it.
+            attn_mask: boolean (B, 1, T, start + T) mask, True = attend; replaces the causal mask (ALiBi
+                adds its bias where it is True).
             last_only: return logits for the last position only, (B, 1, V).
 
         Returns:
@@ -212,12 +290,26 @@ class GPT(nn.Module):
             elif pos.device.type != "meta" and int(pos.max()) >= max_len:  # meta: shapes only
                 raise ValueError(f"position {int(pos.max())} >= max_seq_len={max_len}")
             x = x + self.pos_emb(pos)
-        elif pos is None and start + T <= max_len:  # the common case: slice the precomputed tables
-            rope = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, d_head) each
-        else:  # per-sequence positions, or past max_seq_len (RoPE extrapolates)
-            if pos is None:
-                pos = torch.arange(start, start + T, device=idx.device)
-            rope = rope_cos_sin(pos, self.inv_freq)  # (T, d_head) or (B, T, d_head)
+        elif self.inv_freq is not None:
+            if pos is None and start + T <= max_len:  # the common case: slice the precomputed tables
+                rope = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, d_head) each
+            else:  # per-sequence positions, or past max_seq_len (RoPE extrapolates)
+                if pos is None:
+                    pos = torch.arange(start, start + T, device=idx.device)
+                rope = self.rope_tables(pos)  # (T, d_head) or (B, T, d_head)
+        elif self.pos_table is not None:
+            if pos is None and start + T <= max_len:
+                x = x + self.pos_table[start:start + T]  # (T, D), broadcast over B
+            else:  # per-sequence positions, or past max_seq_len
+                if pos is None:
+                    pos = torch.arange(start, start + T, device=idx.device)
+                x = x + sinusoidal_embedding(pos, self.config.d_model).to(x.dtype)
+        elif self.alibi_slopes is not None:  # one (1 or B, H, T, S) bias, shared by every layer
+            q_col = torch.arange(start, start + T, device=idx.device)  # (T,)
+            k_col = torch.arange(start + T if cache is not None else T, device=idx.device)  # (S,) cache columns
+            if cache is None:
+                k_col = k_col + start
+            attn_mask = alibi_bias(self.alibi_slopes, q_col, k_col, attn_mask=attn_mask, dtype=x.dtype)
         if self.drop.p:
             x = self.drop(x)
         for i, block in enumerate(self.blocks):

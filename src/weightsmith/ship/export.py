@@ -45,6 +45,24 @@ INTEROP_MODULES: dict[str, tuple[str, ...]] = {"hf": (), "gguf": ("gguf",), "onn
 INTEROP_HINT = "pip install 'weightsmith[interop]'"
 
 
+# the GPTConfig values a stock architecture can express; ONNX runs our own graph and takes them all
+GPT_SUPPORTED: dict[str, dict[str, tuple[str, ...]]] = {
+    "hf": {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "rope_scaling": ("none",)},
+    "gguf": {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "rope_scaling": ("none",)},
+}
+_FORMAT_NAMES = {"hf": "Hugging Face", "gguf": "GGUF", "onnx": "ONNX"}
+
+
+def check_gpt_options(cfg: object, fmt: str) -> None:
+    """Raise ConfigError (one line, naming the field and the supported values) for the first GPTConfig
+    option that ``fmt`` cannot express, e.g. ALiBi, DyT or YaRN for Hugging Face and GGUF."""
+    for name, values in GPT_SUPPORTED.get(fmt, {}).items():
+        value = getattr(cfg, name, values[0])
+        if value not in values:
+            raise ConfigError(f"model.{name}={value!r} cannot be exported to {_FORMAT_NAMES[fmt]}; "
+                              f"supported: {', '.join(repr(v) for v in values)}")
+
+
 def check_export_args(fmt: str, dtype: str) -> None:
     """Raise WeightsmithError (one line) unless ``fmt`` supports ``dtype``."""
     if fmt not in FORMATS:

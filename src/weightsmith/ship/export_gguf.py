@@ -58,8 +58,11 @@ def gguf_arch(cfg: Any) -> str:
     Raises:
         ConfigError: naming the first field that keeps the config from either architecture.
     """
+    from weightsmith.ship.export import check_gpt_options
+
     if getattr(cfg, "n_experts", 0):
         raise ConfigError(f"model.n_experts={cfg.n_experts} cannot be exported to GGUF yet (dense MLPs only)")
+    check_gpt_options(cfg, "gguf")
     for arch, want in _ARCH_SHAPES.items():
         if cfg.pos == want["pos"]:
             for name, value in want.items():

@@ -3,9 +3,10 @@
 Made with ``torch.onnx.export(..., dynamo=True)`` (``torch.export`` then onnxscript's translation; see
 the PyTorch "torch.onnx" docs). B and T are dynamic (T up to ``max_seq_len`` for learned positions).
 The graph is the full-sequence forward with no KV cache, run by any ONNX runtime (onnxruntime's
-``InferenceSession`` in the tests). The exported file is self-contained (weights inside, no external
-data) for the model sizes weightsmith trains on one machine. ``tokenizer.json`` (a Hugging Face
-``tokenizers`` file, see ``export_hf.hf_tokenizer``) is written beside it.
+``InferenceSession`` in the tests); being our own forward, it takes every ``pos`` (learned, RoPE with
+any ``rope_scaling``, sinusoidal, ALiBi, none) and every ``norm``. The exported file is self-contained
+(weights inside, no external data) for the model sizes weightsmith trains on one machine.
+``tokenizer.json`` (a Hugging Face ``tokenizers`` file, see ``export_hf.hf_tokenizer``) is written beside it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from weightsmith.models.layers.rope import rope_cos_sin
+from weightsmith.models.layers.positions import alibi_bias, sinusoidal_embedding
 
 ONNX_FILE = "model.onnx"
 
@@ -27,7 +28,8 @@ class _LogitsGraph(nn.Module):
 
     The eager model checks ``int(pos.max()) < max_seq_len``, a data-dependent branch that
     ``torch.export`` cannot trace; here positions are ``arange(T)`` and the dynamic-shape bound on T
-    enforces the same limit.
+    enforces the same limit. Sinusoidal positions are computed, not sliced from the table, for the same
+    reason (T is unbounded for them, as for RoPE, ALiBi and none).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -38,13 +40,17 @@ class _LogitsGraph(nn.Module):
         m = self.model
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
         x = m.tok_emb(input_ids)  # (B, T, D)
-        rope = None
+        rope = attn_mask = None
         if m.pos_emb is not None:
             x = x + m.pos_emb(pos)
-        else:
-            rope = rope_cos_sin(pos, m.inv_freq)  # (T, d_head) each
+        elif m.inv_freq is not None:
+            rope = m.rope_tables(pos)  # (T, d_head) each, RoPE scaling included
+        elif m.pos_table is not None:
+            x = x + sinusoidal_embedding(pos, m.config.d_model)
+        elif m.alibi_slopes is not None:
+            attn_mask = alibi_bias(m.alibi_slopes, pos, pos)  # (1, H, T, T), causal
         for block in m.blocks:
-            x = block(x, rope)
+            x = block(x, rope, attn_mask=attn_mask)
         return m.lm_head(m.final_norm(x))  # (B, T, V)
 
 

@@ -13,6 +13,7 @@ MixtralForCausalLM     gpt        ``n_experts``; fused (v5) or per-expert ``w1/w
 BertModel              bert       pooler kept; MLM head dropped
 BertForMaskedLM        bert-mlm   chosen when the checkpoint has the MLM head (``cls.predictions``)
 T5ForConditionalGeneration  t5    shared embedding, tied lm_head (scaled by d_model^-0.5)
+Mamba2ForCausalLM      mamba2     in ship/hf_convert_mamba2.py: parameter names shared, prefixes renamed
 =====================  =========  ==============================================================
 
 :func:`ours_to_hf` goes the other way for the ``gpt`` family: LLaMA-shaped configs (RMSNorm,
@@ -427,6 +428,9 @@ def ours_to_hf(cfg: Any, state_dict: StateDict) -> tuple[dict[str, Any], StateDi
 
     if not isinstance(cfg, GPTConfig):
         raise ConfigError(f"ours_to_hf exports the gpt family only, got {type(cfg).__name__}")
+    from weightsmith.ship.export import check_gpt_options
+
+    check_gpt_options(cfg, "hf")  # ALiBi, sinusoidal, NoPE, DyT, no norm, RoPE scaling: no stock equivalent
     style, arch = (_LLAMA_STYLE, "LlamaForCausalLM") if cfg.pos == "rope" else (_GPT2_STYLE, "GPT2LMHeadModel")
     why = f"{arch} (chosen because model.pos='{cfg.pos}')"
     for key, want in style.items():
@@ -456,7 +460,9 @@ def ours_to_hf(cfg: Any, state_dict: StateDict) -> tuple[dict[str, Any], StateDi
 # dispatch and checkpoint import
 
 _FROM_HF = {"gpt2": ("gpt", "gpt2_to_ours"), "llama": ("gpt", "llama_to_ours"),
-            "mixtral": ("gpt", "mixtral_to_ours"), "bert": ("bert", "bert_to_ours"), "t5": ("t5", "t5_to_ours")}
+            "mixtral": ("gpt", "mixtral_to_ours"), "bert": ("bert", "bert_to_ours"), "t5": ("t5", "t5_to_ours"),
+            "mamba2": ("mamba2", "mamba2_to_ours")}
+from weightsmith.ship.hf_convert_mamba2 import mamba2_to_ours  # noqa: E402, F401 (dispatched by _FROM_HF)
 
 
 def hf_to_ours(hf_config: dict[str, Any], state_dict: StateDict) -> tuple[str, Any, StateDict]:

@@ -169,8 +169,13 @@ class LoadedRun:
     checkpoint: Path
 
 
-def load_run(run_dir: str | Path, device: str = "cpu", checkpoint: Path | None = None) -> LoadedRun:
+def load_run(run_dir: str | Path, device: str = "cpu", checkpoint: Path | None = None, *,
+             model_overrides: dict | None = None) -> LoadedRun:
     """Open ``run_dir``: config, tokenizer, and the newest checkpoint's weights.
+
+    ``model_overrides`` replace ``[model]`` keys before the model is built, for changes that leave the
+    weights' shapes alone, e.g. ``{"max_seq_len": 4096, "rope_scaling": "yarn", "rope_scale": 8.0}`` to
+    evaluate a RoPE model past its training context (the returned ``config`` stays the saved one).
 
     A ``[quantization]`` section in config.toml (written by ``weightsmith quantize``) makes the model a
     quantized one (weightsmith.ship.quantize.apply_quantization) before the weights are loaded.
@@ -188,7 +193,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", checkpoint: Path | None =
     tree = load_toml(run_dir / "config.toml")
     if not isinstance(tree.get("model"), dict):
         raise CheckpointError(f"{run_dir / 'config.toml'} has no [model] table; it is not a complete run config")
-    model_tree = dict(tree["model"])
+    model_tree = {**tree["model"], **(model_overrides or {})}
     family = model_tree.pop("family", "gpt")
     cfg = build_config(family, model_tree)
     ckpts = list_checkpoints(run_dir)

@@ -1,6 +1,21 @@
 """The experiments of the deep-learning chapter this project follows, each a markdown report with plots.
 
+    python bench/experiments.py e2 --out runs/e2 [--seeds 3] [--steps 300]
     python bench/experiments.py e4 --out runs/e4 [--seeds 3] [--max-time 90]
+    python bench/experiments.py e5 --out runs/e5 [--seeds 3] [--max-time 60]
+
+E2, normalization ablation: an 8-layer GPT (d_model 64) on the main job's Shakespeare BPE-1024 data
+with LayerNorm, RMSNorm, DyT and no normalization, the same number of steps each, per-layer gradient
+norms logged (``train.log_grad_norms``). Report: loss curves, time per step, final val_bpb, and the
+per-layer gradient norms early and late in training (``e2_loss.png``, ``e2_grad_norms.png``). A run
+whose loss turns non-finite is reported as diverged at that step.
+
+E5, positional-encoding extrapolation: the main job's GPT shape trained at context 128 with
+sinusoidal, learned, RoPE and ALiBi positions (same wall-clock budget), then perplexity on the same
+first 65,536 validation tokens in non-overlapping windows of 1x, 2x, 4x and 8x the training length,
+with no further training; the RoPE model also with position interpolation, NTK-aware scaling and YaRN
+at scale = length / 128. A learned table has no rows past its training length, so it has no entry
+there. Perplexity is per token over every position of each window (``e5_ppl.png``).
 
 E4, attention versus state space on retrieval: a small transformer, Mamba, Mamba-2 and a hybrid at
 matched parameters are trained on synthetic MQAR (the ``recall`` task, weightsmith/tasks/recall.py)
@@ -45,13 +60,30 @@ def e4_tree(model: dict, seed: int, max_time: float) -> dict:
                       "eval_every": 100000, "ckpt_every": 100000, "log_every": 10, "eval_batch_size": 32}}
 
 
+def text_tree(model: dict, seed: int, train: dict) -> dict:
+    return {"data": {"corpus": "shakespeare", "tokenizer": "bpe", "vocab_size": 1024},
+            "model": {"family": "gpt", **model},
+            "train": {"seed": seed, "batch_size": 16, "lr": 2e-3, "min_lr": 1e-4, "warmup_steps": 30,
+                      "weight_decay": 0.1, "grad_clip": 1.0, "eval_every": 100000, "ckpt_every": 100000,
+                      "log_every": 10, **train},
+            "sample": {"max_new_tokens": 1}}
+
+
+E2_NORMS = ["layernorm", "rmsnorm", "dyt", "none"]
+E5_POS = ["sinusoidal", "learned", "rope", "alibi"]
+E5_BASE = {"d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 128}
+
+
 def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def run_variants(trees: dict[str, list[dict]], out: Path) -> dict[str, list[dict]]:
-    """Train every (variant, seed) tree into out/<variant>-s<seed>; {variant: [eval.json per seed]}."""
+    """Train every (variant, seed) tree into out/<variant>-s<seed>; {variant: [eval.json per seed]}.
+
+    A run that stops on a non-finite loss gets ``{"diverged_at": step}`` instead of its evaluation."""
     from weightsmith.analysis import count_params
+    from weightsmith.errors import CheckpointError
     from weightsmith.recipe import recipe_from_tree
     from weightsmith.train.loop import run_training
 
@@ -60,17 +92,178 @@ def run_variants(trees: dict[str, list[dict]], out: Path) -> dict[str, list[dict
         for tree in seed_trees:
             run = out / f"{name}-s{tree['train']['seed']}"
             recipe = recipe_from_tree(tree, name=name)
-            if not (run / "eval.json").is_file():
-                run_training(recipe, run, log=lambda *a: None)
-            ev = json.loads((run / "eval.json").read_text())
+            if not (run / "eval.json").is_file() and not (run / "diverged.json").is_file():
+                try:
+                    run_training(recipe, run, log=lambda *a: None)
+                except CheckpointError as e:
+                    if "loss became" not in str(e):
+                        raise
+                    step = int(str(e).split(" at step ")[1].split(";")[0])
+                    (run / "diverged.json").write_text(json.dumps({"diverged_at": step, "error": str(e)}))
+            ev = json.loads((run / ("eval.json" if (run / "eval.json").is_file() else "diverged.json")).read_text())
+            ev["run"] = str(run)
             cfg = recipe.model_config(recipe.task_cls.placeholder_fields(recipe.data))
             ev["params"] = count_params(recipe.family, cfg)
             rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
             ev["steps"] = max((r["step"] for r in rows), default=0)
             results.setdefault(name, []).append(ev)
-            print(f"{run.name}: mean_acc {ev['mean_acc']:.3f}, {ev['steps']} steps, {ev['params']:,} params",
-                  flush=True)
+            head = {k: round(ev[k], 4) for k in ("mean_acc", "val_bpb", "diverged_at") if k in ev}
+            print(f"{run.name}: {head}, {ev['steps']} steps, {ev['params']:,} params", flush=True)
     return results
+
+
+def read_rows(run: str) -> list[dict]:
+    return [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def e2_report(results: dict[str, list[dict]], out: Path, args) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    lines = ["# E2: normalization ablation in an 8-layer transformer", "",
+             f"Command: `python {' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d %H:%M')}). GPT d_model 64, 8 layers, "
+             f"4 heads, context 128, batch 16, {args.steps} steps, lr 2e-3 (cosine, warmup 30), grad clip 1.0 "
+             f"(norms are logged before clipping), Shakespeare BPE-1024; {len(results[names[0]])} seeds.", "",
+             "| norm | params | final val_bpb | time per step (ms) | diverged |", "|---|---|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig2, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), sharey=True)
+    grad_table = {}
+    for i, n in enumerate(names):
+        evs = results[n]
+        ok = [e for e in evs if "val_bpb" in e]
+        bpb = mean_std([e["val_bpb"] for e in ok]) if ok else None
+        ms = []
+        curves, norms_by_step = [], {}
+        for e in evs:
+            rows = [r for r in read_rows(e["run"]) if "loss" in r]
+            for a, b in zip(rows, rows[1:]):
+                ms.append(1000 * (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"]))
+            curves.append(rows)
+            for r in rows:
+                for g, v in r.get("grad_norm", {}).items():
+                    norms_by_step.setdefault(g, {}).setdefault(r["step"], []).append(v)
+        div = [e["diverged_at"] for e in evs if "diverged_at" in e]
+        lines.append(f"| {n} | {evs[0]['params']:,} | " + (f"{bpb[0]:.4f} ± {bpb[1]:.4f}" if bpb else "–") +
+                     f" | {statistics.median(ms):.1f} | " + (f"{len(div)}/{len(evs)} (steps {div})" if div else "0")
+                     + " |")
+        steps = sorted({r["step"] for c in curves for r in c})
+        mean_loss = [statistics.fmean(r["loss"] for c in curves for r in c if r["step"] == s) for s in steps]
+        ax.plot(steps, mean_loss, label=n)
+        blocks = [g for g in norms_by_step if g.startswith("blocks.")]
+        for g in blocks:
+            xs = sorted(norms_by_step[g])
+            axes[i].plot(xs, [statistics.fmean(norms_by_step[g][x]) for x in xs], label=g.split(".")[1],
+                         color=plt.cm.viridis(int(g.split(".")[1]) / max(len(blocks) - 1, 1)))
+        axes[i].set_yscale("log")
+        axes[i].set_title(n)
+        axes[i].set_xlabel("step")
+        early = {g: statistics.fmean(v for s2, vs in norms_by_step[g].items() if s2 <= steps[len(steps) // 10]
+                                     for v in vs) for g in blocks}
+        late = {g: statistics.fmean(v for s2, vs in norms_by_step[g].items() if s2 >= steps[-(len(steps) // 10) - 1]
+                                    for v in vs) for g in blocks}
+        grad_table[n] = (early, late)
+    axes[0].set_ylabel("gradient L2 norm per block")
+    axes[-1].legend(title="block", fontsize=6, ncol=2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token), seed mean")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "e2_loss.png", dpi=110)
+    fig2.tight_layout()
+    fig2.savefig(out / "e2_grad_norms.png", dpi=110)
+    plt.close("all")
+    lines += ["", "Gradient L2 norm per block (seed mean), over the first and last 10% of logged steps:", "",
+              "| norm | phase | " + " | ".join(f"block {j}" for j in range(8)) + " | block 0 / block 7 |",
+              "|---" * 11 + "|"]
+    for n, (early, late) in grad_table.items():
+        for phase, d in (("early", early), ("late", late)):
+            vals = [d.get(f"blocks.{j}", float("nan")) for j in range(8)]
+            lines.append(f"| {n} | {phase} | " + " | ".join(f"{v:.3g}" for v in vals) + f" | {vals[0] / vals[7]:.2f} |")
+    lines += ["", "![loss](e2_loss.png)", "", "![gradient norms](e2_grad_norms.png)", ""]
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return text
+
+
+def e5_eval(run: str, pos: str, lengths: list[int], max_tokens: int) -> dict[str, dict[str, float]]:
+    """{method: {length: perplexity}} for one trained run."""
+    import math
+
+    from weightsmith.config import from_dict
+    from weightsmith.data.prepare import DataConfig, prepare
+    from weightsmith.eval.metrics import stream_loss
+    from weightsmith.train.checkpoint import load_run
+
+    val = prepare(from_dict(DataConfig, load_run(run).config["data"], "data"), log=lambda *a: None).val
+    train_len = E5_BASE["max_seq_len"]
+    methods = {"sinusoidal": ["plain"], "learned": ["plain"], "alibi": ["plain"],
+               "rope": ["plain", "linear", "ntk", "yarn"]}[pos]
+    out: dict[str, dict[str, float]] = {}
+    for m in methods:
+        out[m] = {}
+        for L in lengths:
+            if pos == "learned" and L > train_len:
+                continue
+            over = {"max_seq_len": max(L, train_len)}
+            if m != "plain" and L > train_len:
+                over.update(rope_scaling=m, rope_scale=L / train_len)
+            if m != "plain" and L <= train_len:
+                continue  # scale 1 is plain RoPE (tested), not a separate point
+            model = load_run(run, model_overrides=over).model.eval()
+            total, count, _ = stream_loss(model, val, L, 8, max_tokens)
+            out[m][str(L)] = math.exp(total / count)
+    return out
+
+
+def e5_report(results: dict[str, list[dict]], out: Path, args) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = [128 * k for k in (1, 2, 4, 8)]
+    lines = ["# E5: positional-encoding extrapolation", "",
+             f"Command: `python {' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d %H:%M')}). GPT d_model 128, 4 layers, "
+             f"GQA 4/2 heads, trained at context 128 for {args.max_time:.0f} s each on Shakespeare BPE-1024; "
+             f"{len(next(iter(results.values())))} seeds. Perplexity per token on the first 65,536 validation tokens "
+             "in non-overlapping windows of L tokens, no further training.", "",
+             "| positions | method | val_bpb at 128 (training) | " + " | ".join(f"ppl @ {L}" for L in lengths) + " |",
+             "|---" * (3 + len(lengths)) + "|"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for pos, evs in results.items():
+        per_seed = [e5_eval(e["run"], pos, lengths, 65536) for e in evs]
+        bpb = mean_std([e["val_bpb"] for e in evs])
+        for m in per_seed[0]:
+            cells, xs, ys, es = [], [], [], []
+            for L in lengths:
+                vals = [p[m].get(str(L)) for p in per_seed if str(L) in p[m]]
+                if vals:
+                    mu, sd = mean_std(vals)
+                    cells.append(f"{mu:.1f} ± {sd:.1f}")
+                    xs.append(L), ys.append(mu), es.append(sd)
+                else:
+                    cells.append("–")
+            lines.append(f"| {pos} | {m} | {bpb[0]:.4f} ± {bpb[1]:.4f} | " + " | ".join(cells) + " |")
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"{pos}" + ("" if m == "plain" else f" + {m}"))
+        for e, p in zip(evs, per_seed):
+            e["perplexity"] = p
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("evaluation length L (tokens; trained at 128)")
+    ax.set_ylabel("perplexity (seed mean)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "e5_ppl.png", dpi=110)
+    plt.close(fig)
+    lines += ["", "![perplexity against length](e5_ppl.png)", ""]
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return text
 
 
 def e4_report(results: dict[str, list[dict]], out: Path, args) -> str:
@@ -142,16 +335,31 @@ def e4_report(results: dict[str, list[dict]], out: Path, args) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("experiment", choices=["e4"])
+    ap.add_argument("experiment", choices=["e2", "e4", "e5"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--max-time", type=float, default=90.0, help="training seconds per run")
-    ap.add_argument("--models", nargs="+", default=list(E4_MODELS))
+    ap.add_argument("--max-time", type=float, default=None, help="training seconds per run (e4: 90, e5: 60)")
+    ap.add_argument("--steps", type=int, default=300, help="e2: optimizer steps per run")
+    ap.add_argument("--models", nargs="+", help="e4: families to run (default all); e2: norms; e5: positions")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    trees = {n: [e4_tree(E4_MODELS[n], seed, args.max_time) for seed in range(args.seeds)] for n in args.models}
-    print(e4_report(run_variants(trees, out), out, args))
+    seeds = range(args.seeds)
+    if args.experiment == "e2":
+        trees = {n: [text_tree({"d_model": 64, "n_layers": 8, "n_heads": 4, "max_seq_len": 128, "norm": n}, s,
+                               {"max_steps": args.steps, "log_grad_norms": True}) for s in seeds]
+                 for n in (args.models or E2_NORMS)}
+        print(e2_report(run_variants(trees, out), out, args))
+    elif args.experiment == "e4":
+        args.max_time = args.max_time or 90.0
+        trees = {n: [e4_tree(E4_MODELS[n], s, args.max_time) for s in seeds] for n in (args.models or E4_MODELS)}
+        print(e4_report(run_variants(trees, out), out, args))
+    else:
+        args.max_time = args.max_time or 60.0
+        trees = {p: [text_tree({**E5_BASE, "pos": p}, s, {"max_steps": 100000, "max_time": args.max_time,
+                                                          "batch_size": 32}) for s in seeds]
+                 for p in (args.models or E5_POS)}
+        print(e5_report(run_variants(trees, out), out, args))
 
 
 if __name__ == "__main__":

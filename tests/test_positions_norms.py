@@ -170,7 +170,11 @@ def test_sinusoidal_equals_the_formula():
     assert sum(p.numel() for p in model.parameters()) == count_params("gpt", model.config)
     idx = torch.randint(0, 53, (2, 9))
     # the table path, the on-the-fly path (explicit positions) and the formula agree
-    torch.testing.assert_close(model.pos_table, sinusoidal_embedding(torch.arange(16), 12))
+    assert model.config.sinusoidal_scale == pytest.approx(0.02 * 2 ** 0.5)  # the token embedding's init std
+    torch.testing.assert_close(model.pos_table,
+                               model.config.sinusoidal_scale * sinusoidal_embedding(torch.arange(16), 12))
+    wide = _tiny(pos="sinusoidal", d_model=256, n_heads=4, max_seq_len=512)
+    assert float(wide.pos_table.std()) == pytest.approx(float(wide.tok_emb.weight.std()), rel=0.1)
     torch.testing.assert_close(model(idx), model(idx, pos=torch.arange(9)))
 
 

@@ -61,6 +61,11 @@ class GPTConfig:
     ``rope_original_max_seq_len=None`` means ``max_seq_len`` and is resolved and saved with the run, so a
     later ``max_seq_len`` override keeps the training context that YaRN's ramp needs.
     ``yarn_alpha`` and ``yarn_beta`` bound YaRN's ramp, in rotations over that context (paper: 1 and 32).
+    ``sinusoidal_scale`` multiplies the fixed sin/cos table; None means ``init_std * sqrt(2)``, so each of
+    its channels has the standard deviation of a freshly initialized token embedding (sin and cos have
+    std 1/sqrt 2). Vaswani et al. add the unit table to embeddings that are multiplied by sqrt(d_model)
+    at init std d_model^-0.5, i.e. token and position signals of equal scale; with GPT-2's 0.02 init an
+    unscaled table is ~35x larger than the token signal and a short run learns only the unigram.
     """
 
     vocab_size: int = 256
@@ -86,6 +91,7 @@ class GPTConfig:
     bias: bool = False
     norm_eps: float = 1e-5
     dyt_alpha0: float = 0.5
+    sinusoidal_scale: float | None = None
     init_std: float = 0.02
     d_head: int = field(init=False)
 
@@ -106,6 +112,8 @@ class GPTConfig:
             raise ConfigError(f"model.d_head={self.d_head} must be even for pos='rope'")
         if self.pos == "sinusoidal" and self.d_model % 2:
             raise ConfigError(f"model.d_model={self.d_model} must be even for pos='sinusoidal'")
+        if self.sinusoidal_scale is None:  # resolved, so it is saved with the run
+            self.sinusoidal_scale = self.init_std * math.sqrt(2.0)
         self._check_rope_scaling()
         if self.d_ff is None:
             if self.mlp == "gelu":
@@ -223,7 +231,8 @@ class GPT(nn.Module):
         cfg = self.config
         dev = self.tok_emb.weight.device
         if self.pos_table is not None:
-            self.pos_table = sinusoidal_embedding(torch.arange(cfg.max_seq_len, device=dev), cfg.d_model)
+            self.pos_table = cfg.sinusoidal_scale * sinusoidal_embedding(torch.arange(cfg.max_seq_len, device=dev),
+                                                                         cfg.d_model)
         if self.alibi_slopes is not None:
             self.alibi_slopes = alibi_slopes(cfg.n_heads).to(dev)
         if self.inv_freq is None:
@@ -303,7 +312,7 @@ class GPT(nn.Module):
             else:  # per-sequence positions, or past max_seq_len
                 if pos is None:
                     pos = torch.arange(start, start + T, device=idx.device)
-                x = x + sinusoidal_embedding(pos, self.config.d_model).to(x.dtype)
+                x = x + (self.config.sinusoidal_scale * sinusoidal_embedding(pos, self.config.d_model)).to(x.dtype)
         elif self.alibi_slopes is not None:  # one (1 or B, H, T, S) bias, shared by every layer
             q_col = torch.arange(start, start + T, device=idx.device)  # (T,)
             k_col = torch.arange(start + T if cache is not None else T, device=idx.device)  # (S,) cache columns

@@ -46,7 +46,7 @@ class _LogitsGraph(nn.Module):
         elif m.inv_freq is not None:
             rope = m.rope_tables(pos)  # (T, d_head) each, RoPE scaling included
         elif m.pos_table is not None:
-            x = x + sinusoidal_embedding(pos, m.config.d_model)
+            x = x + m.config.sinusoidal_scale * sinusoidal_embedding(pos, m.config.d_model)
         elif m.alibi_slopes is not None:
             attn_mask = alibi_bias(m.alibi_slopes, pos, pos)  # (1, H, T, T), causal
         for block in m.blocks:

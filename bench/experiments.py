@@ -42,11 +42,12 @@ LENGTHS = [64, 128, 256, 512, 1024]
 PAIRS = [4, 8, 16, 32]
 
 # matched at about 0.1M parameters (printed in the report); d_model 64, 2 layers, vocab 769
-E4_MODELS = {
+E4_MODELS = {  # about 113k-127k parameters each (vocab 100 of the recall task); Mamba layers have no MLP
     "transformer": {"family": "gpt", "d_model": 64, "n_layers": 2, "n_heads": 2, "max_seq_len": 1024},
-    "mamba": {"family": "mamba", "d_model": 64, "n_layers": 2, "d_state": 16, "max_seq_len": 1024},
-    "mamba2": {"family": "mamba2", "d_model": 64, "n_layers": 2, "d_state": 32, "d_head": 32, "max_seq_len": 1024},
-    "hybrid": {"family": "hybrid", "d_model": 64, "n_layers": 2, "n_heads": 2, "max_seq_len": 1024},
+    "mamba": {"family": "mamba", "d_model": 64, "n_layers": 4, "d_state": 16, "max_seq_len": 1024},
+    "mamba2": {"family": "mamba2", "d_model": 64, "n_layers": 4, "d_state": 32, "d_head": 32, "max_seq_len": 1024},
+    "hybrid": {"family": "hybrid", "d_model": 64, "n_layers": 2, "attn_every": 2, "n_heads": 2, "d_state": 32,
+               "ssm_d_head": 32, "max_seq_len": 1024},  # a Mamba-2 layer, then an attention layer
 }
 
 
@@ -72,6 +73,17 @@ def text_tree(model: dict, seed: int, train: dict) -> dict:
 E2_NORMS = ["layernorm", "rmsnorm", "dyt", "none"]
 E5_POS = ["sinusoidal", "learned", "rope", "alibi"]
 E5_BASE = {"d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 128}
+
+
+def e2_variant(name: str) -> dict:
+    """``"dyt"`` -> {"norm": "dyt"}; ``"dyt,dyt_alpha0=2"`` -> {"norm": "dyt", "dyt_alpha0": 2.0} (a norm
+    with [model] overrides, numbers parsed as float)."""
+    norm, *pairs = name.split(",")
+    model = {"norm": norm}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        model[key] = float(value)
+    return model
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -340,13 +352,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--max-time", type=float, default=None, help="training seconds per run (e4: 90, e5: 60)")
     ap.add_argument("--steps", type=int, default=300, help="e2: optimizer steps per run")
-    ap.add_argument("--models", nargs="+", help="e4: families to run (default all); e2: norms; e5: positions")
+    ap.add_argument("--models", nargs="+", help="e4: families to run (default all); e2: norms, each optionally with "
+                    "model overrides (dyt,dyt_alpha0=2); e5: positions")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = range(args.seeds)
     if args.experiment == "e2":
-        trees = {n: [text_tree({"d_model": 64, "n_layers": 8, "n_heads": 4, "max_seq_len": 128, "norm": n}, s,
+        trees = {n: [text_tree({"d_model": 64, "n_layers": 8, "n_heads": 4, "max_seq_len": 128, **e2_variant(n)}, s,
                                {"max_steps": args.steps, "log_grad_norms": True}) for s in seeds]
                  for n in (args.models or E2_NORMS)}
         print(e2_report(run_variants(trees, out), out, args))

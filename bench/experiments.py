@@ -193,12 +193,46 @@ def e2_report(results: dict[str, list[dict]], out: Path, args) -> str:
     for n, (early, late) in grad_table.items():
         for phase, d in (("early", early), ("late", late)):
             vals = [d.get(f"blocks.{j}", float("nan")) for j in range(8)]
-            lines.append(f"| {n} | {phase} | " + " | ".join(f"{v:.3g}" for v in vals) + f" | {vals[0] / vals[7]:.2f} |")
+            ratio = f"{vals[0] / vals[7]:.2f}" if vals[7] else "–"
+            lines.append(f"| {n} | {phase} | " + " | ".join(f"{v:.3g}" for v in vals) + f" | {ratio} |")
+    lines += ["", "The residual stream at the final norm of the trained models (8 x 128 validation tokens, seed mean): "
+              "its RMS, the fraction of DyT's tanh outputs with |tanh| > 0.995 (saturated), and the std over "
+              "positions of the logits (0: the output no longer depends on the input).", "",
+              "| norm | residual RMS | saturated | logits std over positions |", "|---|---|---|---|"]
+    for n in names:
+        probes = [e2_probe(e["run"]) for e in results[n] if "val_bpb" in results[n][0]]
+        rms, sat, lstd = (statistics.fmean(p[k] for p in probes) if probes[0][k] is not None else None
+                          for k in range(3))
+        lines.append(f"| {n} | {rms:.3g} | " + ("–" if sat is None else f"{sat:.3f}") + f" | {lstd:.3g} |")
     lines += ["", "![loss](e2_loss.png)", "", "![gradient norms](e2_grad_norms.png)", ""]
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return text
+
+
+def e2_probe(run: str) -> tuple[float, float | None, float]:
+    """(RMS of the final norm's input, fraction of DyT outputs with |tanh| > 0.995 or None, mean over
+    vocabulary of the logits' std over positions) on the first 8 x 128 validation tokens of ``run``."""
+    import torch
+
+    from weightsmith.config import from_dict
+    from weightsmith.data.prepare import DataConfig, prepare
+    from weightsmith.train.checkpoint import load_run
+
+    loaded = load_run(run)
+    model = loaded.model.eval()
+    val = prepare(from_dict(DataConfig, loaded.config["data"], "data"), log=lambda *a: None).val
+    idx = torch.as_tensor(val[:8 * 128].astype("int64")).view(8, 128)
+    seen = {}
+    hook = model.final_norm.register_forward_hook(lambda mod, i, o: seen.update(x=i[0].detach()))
+    with torch.no_grad():
+        logits = model(idx)
+    hook.remove()
+    x = seen["x"]
+    alpha = getattr(model.final_norm, "alpha", None)
+    sat = None if alpha is None else float((torch.tanh(alpha.detach() * x).abs() > 0.995).float().mean())
+    return float(x.pow(2).mean().sqrt()), sat, float(logits.std(dim=(0, 1)).mean())
 
 
 def e5_eval(run: str, pos: str, lengths: list[int], max_tokens: int) -> dict[str, dict[str, float]]:

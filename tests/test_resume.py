@@ -1,4 +1,5 @@
-"""Exact resume: SIGKILL after a checkpoint, --resume, and every later loss equals the uninterrupted run."""
+"""Exact resume: SIGKILL after a checkpoint, --resume, and every later loss equals the uninterrupted run,
+for every optimizer (its state is part of the checkpoint)."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from test_cli import RECIPE, run_cli
 
 
@@ -15,13 +17,15 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_sigkill_then_resume_gives_identical_losses(tmp_path, tiny_corpus):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "lion"])
+def test_sigkill_then_resume_gives_identical_losses(tmp_path, tiny_corpus, optimizer):
     recipe = tmp_path / "r.toml"
     recipe.write_text(RECIPE.format(corpus=tiny_corpus, tokenizer="char").replace("max_steps = 30", "max_steps = 120")
                       .replace("log_every = 5", "log_every = 1").replace("ckpt_every = 10", "ckpt_every = 20")
                       )
     env = dict(os.environ, WEIGHTSMITH_CACHE=str(tmp_path / "cache"))
-    overrides = ["--model.dropout=0.1"]  # dropout makes the global RNG state part of what must be restored
+    # dropout makes the global RNG state part of what must be restored
+    overrides = ["--model.dropout=0.1", f"--train.optimizer={optimizer}"]
     ref = tmp_path / "ref"
     proc = run_cli("train", recipe, "--out", ref, *overrides, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -29,3 +29,8 @@ class TrainingInterrupted(WeightsmithError):
     def __init__(self, message: str, exit_code: int = 130) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class TrainingDiverged(WeightsmithError):
+    """Training kept becoming unstable (non-finite or spiking losses) after the allowed rewinds, or had no
+    checkpoint to rewind to (weightsmith.train.stability)."""

@@ -104,6 +104,10 @@ class Task:
         """Units (``unit``) in one micro-batch, for throughput."""
         raise NotImplementedError(f"task {self.name} must implement count")
 
+    def after_step(self, model: torch.nn.Module) -> None:
+        """Called by the trainer after every optimizer step (the weights just changed); a task that
+        keeps an exponential moving average of the weights updates it here. Default: nothing."""
+
     def flops_per_unit(self, family: str, model_cfg: Any) -> float:
         """Analytic training FLOPs per unit (2 per multiply-add, backward = 2x forward), for MFU.
 

@@ -6,6 +6,7 @@ A run directory::
     manifest.json      data manifest, package version, git commit, torch version, machine
     tokenizer.json     the run's tokenizer (weightsmith.data.tokenizers)
     metrics.jsonl      one JSON object per logged step
+    events.jsonl       skipped steps and rewinds, when there were any (weightsmith.train.stability)
     eval.json          final evaluation
     samples.txt        generated text
     checkpoints/step_000500/
@@ -14,9 +15,14 @@ A run directory::
         meta.json           step and the sha256 of each file above; written last
 
 A checkpoint is written into ``checkpoints/.tmp-*``, every file is fsynced, and the directory is renamed
-into place, so a reader never sees a half-written checkpoint. Loading verifies the hashes in
-``meta.json``. Nothing is ever unpickled beyond tensors and plain containers: weights come from
-safetensors and ``train_state.pt`` is read with ``torch.load(weights_only=True)``.
+into place, so a reader never sees a half-written checkpoint. Re-saving a step moves the old one to
+``.old-*`` before the rename, and rotation renames a checkpoint to ``.del-*`` before deleting it, so a
+process killed at any point leaves every listed checkpoint complete; :func:`recover_checkpoints`
+(run on resume) puts back a moved-aside checkpoint whose replacement never arrived and removes the
+hidden leftovers. tests/test_kill_during_save.py kills the writer at every one of these points.
+Loading verifies the hashes in ``meta.json``. Nothing is ever unpickled beyond tensors and plain
+containers: weights come from safetensors and ``train_state.pt`` is read with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from safetensors.torch import load_model, save_model
 from weightsmith.data.prepare import sha256_file
 from weightsmith.errors import CheckpointError
 from weightsmith.fsio import atomic_write_text, fsync_file, fsync_path  # noqa: F401  (re-exported)
+from weightsmith.train.faults import checkpoint_point
 
 CKPT_DIR = "checkpoints"
 WEIGHTS = "model.safetensors"
@@ -49,33 +56,68 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    point = checkpoint_point  # test-only kill points (weightsmith.train.faults); no-ops in real runs
     try:
+        point("tmp dir made")
         save_model(model, str(tmp / WEIGHTS))
+        point("weights written")
         files = [WEIGHTS]
         if state is not None:
             torch.save(state, tmp / STATE)
             files.append(STATE)
+            point("train state written")
         for name in files:
             fsync_file(tmp / name)
+        point("files fsynced")
         meta = {"step": step, "files": {n: sha256_file(tmp / n) for n in files}}
         atomic_write_text(tmp / META, json.dumps(meta, indent=2))
+        point("meta written")
         fsync_path(tmp)
+        point("tmp dir fsynced")
         if final.exists():  # re-saving a step: move the old one aside first, delete it only after the rename
             old = Path(tempfile.mkdtemp(prefix=".old-", dir=root))
             os.replace(final, old / final.name)
+            point("old step moved aside")
             os.replace(tmp, final)
+            point("renamed into place")
             fsync_path(root)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+            point("renamed into place")
             fsync_path(root)
+        point("root fsynced")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            hidden = Path(tempfile.mkdtemp(prefix=".del-", dir=root))
+            os.replace(old, hidden / old.name)  # out of the listing at once; a kill mid-delete leaves hidden files
+            point("old checkpoint hidden")
+            shutil.rmtree(hidden, ignore_errors=True)
+            point("old checkpoint deleted")
     return final
+
+
+def recover_checkpoints(run_dir: Path, log=print) -> None:
+    """Repair what a process killed inside :func:`save_checkpoint` can leave in ``checkpoints/``.
+
+    A re-saved step whose old copy was moved to ``.old-*`` but whose new copy never got renamed into
+    place is moved back; then every hidden ``.tmp-*``, ``.old-*`` and ``.del-*`` entry is removed."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return
+    for aside in sorted(root.glob(".old-*/step_*")):
+        if not (root / aside.name).exists():
+            os.replace(aside, root / aside.name)
+            log(f"restored {root / aside.name}, moved aside by an interrupted re-save")
+    for leftover in root.iterdir():
+        if leftover.name.startswith((".tmp-", ".old-", ".del-")):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink()
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -6,7 +6,7 @@ the trainer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from weightsmith.errors import ConfigError
@@ -52,6 +52,34 @@ class TrainConfig:
     eval_batch_size: int = 16
     ckpt_every: int = 500
     keep_checkpoints: int = 2
+    optimizer: Literal["adamw", "muon", "lion"] = field(default="adamw", metadata={"doc": (
+        "weightsmith.train.optim: `adamw` (torch AdamW with `beta1, beta2, eps, weight_decay`); `muon` "
+        "(torch.optim.Muon for 2-D hidden weights at `muon_lr`, AdamW at `lr` for embeddings, norms, "
+        "biases, the output head and conv filters); `lion` (Chen et al. 2023, at `lr` with `lion_beta1, "
+        "lion_beta2, weight_decay`). Every group follows `schedule` from its own base lr")})
+    muon_lr: float = field(default=0.02, metadata={"doc": "Muon's peak learning rate (its groups follow "
+                                                          "the schedule scaled by `muon_lr / lr`)"})
+    muon_momentum: float = field(default=0.95, metadata={"doc": "Muon's momentum μ, in [0, 1)"})
+    muon_nesterov: bool = field(default=True, metadata={"doc": "Nesterov momentum for Muon"})
+    muon_ns_steps: int = field(default=5, metadata={"doc": "Newton-Schulz iterations per Muon update, 1 to 99"})
+    muon_weight_decay: float = field(default=0.0, metadata={"doc": "decoupled weight decay of the Muon "
+                                                                   "groups (times their lr)"})
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = field(default="original", metadata={"doc": (
+        "per-matrix lr scale: `original` sqrt(max(1, rows / cols)) (Jordan); `match_rms_adamw` "
+        "0.2 sqrt(max(rows, cols)) (Liu et al. 2025, Moonlight)")})
+    lion_beta1: float = field(default=0.9, metadata={"doc": "Lion's β1 (the interpolation whose sign is the update)"})
+    lion_beta2: float = field(default=0.99, metadata={"doc": "Lion's β2 (the momentum kept)"})
+    spike_zscore: float | None = field(default=None, metadata={"doc": (
+        "skip a step whose loss exceeds the mean of the last `spike_window` kept steps' losses by more "
+        "than this many standard deviations (unset: no spike check; e.g. 6). Non-finite "
+        "losses and gradient norms are always skipped. Events go to events.jsonl")})
+    spike_window: int = field(default=50, metadata={"doc": "kept steps in the spike z-score window; no "
+                                                           "spike check until it is full"})
+    rewind_events: int = field(default=3, metadata={"doc": (
+        "this many skipped steps within `rewind_window` steps rewind the run to the newest checkpoint "
+        "before the first of them, keeping the data position (the window in between is skipped)")})
+    rewind_window: int = field(default=100, metadata={"doc": "optimizer steps over which `rewind_events` are counted"})
+    max_rewinds: int = field(default=3, metadata={"doc": "rewinds allowed per run; one more stops it with an error"})
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "ckpt_every",
@@ -76,6 +104,32 @@ class TrainConfig:
             raise ConfigError(f"train.device={self.device!r}; choose 'cpu' or 'cuda'")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        self._check_optimizer_and_stability()
+
+    def _check_optimizer_and_stability(self) -> None:
+        for name, allowed in (("optimizer", ("adamw", "muon", "lion")),
+                              ("muon_adjust_lr", ("original", "match_rms_adamw"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"train.{name} = {getattr(self, name)!r} is not allowed; choose one of "
+                                  f"{list(allowed)}")
+        for name in ("muon_momentum", "lion_beta1", "lion_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.muon_lr <= 0:
+            raise ConfigError(f"train.muon_lr must be positive, got {self.muon_lr}")
+        if self.muon_weight_decay < 0:
+            raise ConfigError(f"train.muon_weight_decay must be >= 0, got {self.muon_weight_decay}")
+        if not 1 <= self.muon_ns_steps < 100:
+            raise ConfigError(f"train.muon_ns_steps must be in [1, 99], got {self.muon_ns_steps}")
+        if self.spike_zscore is not None and self.spike_zscore <= 0:
+            raise ConfigError(f"train.spike_zscore must be positive standard deviations (or unset), "
+                              f"got {self.spike_zscore}")
+        for name in ("spike_window", "rewind_events", "rewind_window"):
+            if getattr(self, name) < (2 if name == "spike_window" else 1):
+                raise ConfigError(f"train.{name} must be >= {2 if name == 'spike_window' else 1}, "
+                                  f"got {getattr(self, name)}")
+        if self.max_rewinds < 0:
+            raise ConfigError(f"train.max_rewinds must be >= 0, got {self.max_rewinds}")
 
 
 @dataclass(kw_only=True)

@@ -1,4 +1,4 @@
-"""The trainer: one step = ``grad_accum`` micro-batches, then clip, AdamW update, LR schedule.
+"""The trainer: one step = ``grad_accum`` micro-batches, then clip, stability check, optimizer update.
 
 It is the same for every task (weightsmith.tasks): the task owns data, batches, loss, evaluation and
 artifacts; this module owns steps, schedule, accumulation, clipping, checkpoints, the time budget,
@@ -13,6 +13,11 @@ named loss parts; ``lr`` (the rate used for that step); the running total of the
 logging interval (``tok_per_s`` or ``img_per_s``); ``elapsed_s``. Every ``eval_every`` steps the task
 adds one validation row: ``step`` plus its quick-eval fields (``val_loss_partial``, ``val_tokens`` for
 language models).
+
+The optimizer is ``train.optimizer`` from weightsmith.train.optim (each parameter group follows the
+schedule from its own base lr). Before each update, weightsmith.train.stability skips a step whose loss
+or gradient norm is not finite or whose loss spikes, and rewinds past the data on repetition; every
+such event is a line of ``events.jsonl``.
 """
 
 from __future__ import annotations
@@ -41,10 +46,13 @@ from weightsmith.train.checkpoint import (
     list_checkpoints,
     load_train_state,
     load_weights,
+    recover_checkpoints,
     save_checkpoint,
 )
 from weightsmith.train.config import SampleConfig, TrainConfig  # noqa: F401  (re-exported)
-from weightsmith.train.optim import build_adamw, lr_at
+from weightsmith.train.faults import active as active_faults
+from weightsmith.train.optim import build_optimizer, load_optimizer_state, lr_at, set_lr
+from weightsmith.train.stability import StabilityGuard
 
 
 def _git_commit() -> str | None:
@@ -197,6 +205,7 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
     Raises:
         ConfigError / DataError / CheckpointError: bad recipe, data or run directory (one line each).
         TrainingInterrupted: SIGINT or SIGTERM; the last finished step was checkpointed first.
+        TrainingDiverged: instability repeated past ``train.max_rewinds`` or with no checkpoint to rewind to.
     """
     from tqdm import tqdm
 
@@ -218,23 +227,36 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
     np.random.seed(tc.seed)
     model = model_from_config(recipe.family, model_cfg, device=device)
     model.train()
-    optimizer = build_adamw(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps)
+    optimizer = build_optimizer(tc.optimizer, model, tc)
     batches = task.batches(device)
     min_lr = tc.min_lr if tc.min_lr is not None else tc.lr / 10
+    guard = StabilityGuard(tc, run_dir, log=log)
+    faults = active_faults()  # test-only fault injection (weightsmith.train.faults); None in real runs
 
-    step, seen, elapsed_before = 0, 0, 0.0
+    def restore(ckpt: Path) -> dict:
+        """Weights, optimizer, task state and global RNG from ``ckpt``; returns its train state."""
+        load_weights(model, ckpt)
+        state = load_train_state(ckpt)
+        if state.get("optimizer_name", "adamw") != tc.optimizer:
+            raise CheckpointError(f"{ckpt} holds {state.get('optimizer_name', 'adamw')} state but "
+                                  f"train.optimizer={tc.optimizer!r}; resume with the run's own optimizer")
+        load_optimizer_state(optimizer, state["optimizer"], str(ckpt))
+        task.load_state_dict(state.get("task", {}))
+        _set_rng_state(state["rng"])
+        return state
+
+    step, seen, elapsed_before, draws = 0, 0, 0.0, 0  # draws: micro-batches drawn, skipped ones included
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
+        recover_checkpoints(run_dir, log=log)
         ckpt = latest_good_checkpoint(run_dir, log=log)
         if ckpt is None:
             raise CheckpointError(f"no intact checkpoint to resume in {run_dir / 'checkpoints'}")
-        load_weights(model, ckpt)
-        state = load_train_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
+        state = restore(ckpt)
         batches.load_state_dict(state["batches"])
-        task.load_state_dict(state.get("task", {}))
-        _set_rng_state(state["rng"])
+        guard.load_state_dict(state.get("stability", {}))
         step, seen, elapsed_before = state["step"], state["seen"], state["elapsed_s"]
+        draws = state.get("draws", step * tc.grad_accum)
         # drop log lines written after the checkpoint by the interrupted process (and a torn last line)
         kept = _read_metrics(metrics_path, up_to_step=step)
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -266,10 +288,27 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
     def checkpoint() -> None:
         metrics.flush()
         os.fsync(metrics.fileno())  # the log is durable up to the step the checkpoint holds
-        state = {"optimizer": optimizer.state_dict(), "batches": batches.state_dict(), "task": task.state_dict(),
-                 "rng": _rng_state(), "step": step, "seen": seen,
+        state = {"optimizer": optimizer.state_dict(), "optimizer_name": tc.optimizer,
+                 "batches": batches.state_dict(), "task": task.state_dict(),
+                 "rng": _rng_state(), "step": step, "seen": seen, "draws": draws, "stability": guard.state_dict(),
                  "elapsed_s": elapsed_before + (time.perf_counter() - t_start)}
         save_checkpoint(run_dir, step, model, state, keep=tc.keep_checkpoints)
+
+    def rewind() -> None:
+        """Back to the newest intact checkpoint before the recent unstable steps (weightsmith.train.stability),
+        keeping the data position: the micro-batches drawn since that checkpoint are skipped."""
+        nonlocal step, seen, metrics, t_last, seen_last
+        ckpt = guard.rewind_target(run_dir)
+        state = restore(ckpt)
+        guard.rewound(ckpt, state, step + 1, draws, state.get("draws", state["step"] * tc.grad_accum))
+        step, seen = state["step"], state["seen"]
+        metrics.close()  # the rows of the rewound steps go; events.jsonl keeps what happened
+        kept = _read_metrics(metrics_path, up_to_step=step)
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        metrics = open(metrics_path, "a")
+        t_last, seen_last = time.perf_counter(), seen
+        bar.n = step
+        checkpoint()  # re-saved with the new data position, so a resume does not replay the window
 
     t_start = time.perf_counter()
     t_last, seen_last = t_start, seen
@@ -291,14 +330,15 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
                 progress = max((step - tc.warmup_steps) / span, elapsed / tc.max_time)
             lr = lr_at(step, lr=tc.lr, min_lr=min_lr, warmup_steps=tc.warmup_steps, total_steps=tc.max_steps,
                        schedule=tc.schedule, decay_fraction=tc.decay_fraction, progress=progress)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)  # each group: lr x its lr_scale (Muon's groups have their own base lr)
             loss_sum, parts_sum = 0.0, {}
             for _ in range(tc.grad_accum):
                 batch = batches.next()
                 with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype,
                                     enabled=autocast_dtype is not None):
                     loss, parts = task.loss(step_fn, batch)
+                    if faults is not None:
+                        loss = faults.poison(loss, draws)
                     total = loss
                     if aux_modules and tc.aux_loss_coef:
                         total = loss + tc.aux_loss_coef * sum(m.aux_loss for m in aux_modules)
@@ -307,18 +347,24 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
                 seen += task.count(batch)
+                draws += 1
             norms = None
             if tc.log_grad_norms and ((step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps):
                 norms = layer_grad_norms(model)
             if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            loss_val = loss_sum / tc.grad_accum
+            if guard.check(step + 1, loss_val, float(grad_norm), (draws - tc.grad_accum, draws)) is not None:
+                optimizer.zero_grad(set_to_none=True)  # skipped before the update; the next step draws new data
+                if guard.wants_rewind():
+                    rewind()
+                continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            task.after_step(model)  # e.g. the EMA of the weights that diffusion tasks sample with
             step += 1
-            loss_val = loss_sum / tc.grad_accum
-            if not np.isfinite(loss_val):
-                raise CheckpointError(f"loss became {loss_val} at step {step}; lower train.lr or raise "
-                                      f"train.warmup_steps, then resume from the last checkpoint")
             now = time.perf_counter()
             if step % tc.log_every == 0 or step == tc.max_steps:
                 rate = (seen - seen_last) / max(now - t_last, 1e-9)

@@ -8,7 +8,8 @@ format   dtypes                      what ``DIR`` holds
 hf       f32, f16, bf16              config.json, model.safetensors, tokenizer.json,
                                      tokenizer_config.json (transformers,
                                      vLLM and TGI load it with no custom code; see docs/serving.md)
-gguf     f32, f16, q8_0, q4_0        model.gguf (llama.cpp; arch ``llama`` or ``gpt2``)
+gguf     f32, f16, q8_0, q4_0        model.gguf (llama.cpp; arch ``llama`` or ``gpt2``; families
+                                     ``mamba2`` and ``mamba``: archs ``mamba2``, ``mamba``)
 onnx     f32                         model.onnx (input_ids (B, T) -> logits (B, T, V)), tokenizer.json
 =======  ==========================  ==============================================================
 
@@ -51,6 +52,8 @@ GPT_SUPPORTED: dict[str, dict[str, tuple[str, ...]]] = {
     "gguf": {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "rope_scaling": ("none",)},
 }
 _FORMAT_NAMES = {"hf": "Hugging Face", "gguf": "GGUF", "onnx": "ONNX"}
+# the language-model families each format can express (other formats: gpt only)
+EXPORT_FAMILIES: dict[str, tuple[str, ...]] = {"gguf": ("gpt", "mamba2", "mamba")}
 
 
 def check_gpt_options(cfg: object, fmt: str) -> None:
@@ -162,8 +165,10 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, dtype: str = "f32
     if not (run_dir / TOKENIZER_FILE).is_file():
         raise DataError(f"{run_dir / TOKENIZER_FILE} is missing; export needs the run's tokenizer")
     family = run_dir_family(run_dir)
-    if family != "gpt":
-        raise ConfigError(f"model.family={family!r} cannot be exported yet; only 'gpt' can")
+    if family not in EXPORT_FAMILIES.get(fmt, ("gpt",)):
+        supported = EXPORT_FAMILIES.get(fmt, ("gpt",))
+        raise ConfigError(f"model.family={family!r} cannot be exported to {_FORMAT_NAMES[fmt]}; "
+                          f"supported: {', '.join(repr(f) for f in supported)}")
     exporter = _exporter(fmt)
     run = load_run(run_dir)
     if "quantization" in run.config:  # exporters take float weights: dequantize (the rounding error stays)

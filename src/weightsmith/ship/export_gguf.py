@@ -1,11 +1,15 @@
 """GGUF export for llama.cpp, written with the ``gguf`` package's ``GGUFWriter``.
 
+Families: ``gpt`` (arch ``llama`` or ``gpt2``, below), ``mamba2`` and ``mamba`` (archs ``mamba2`` and
+``mamba``: tensors, transforms and metadata in :mod:`weightsmith.ship.export_gguf_ssm`). Any other
+family raises a one-line ConfigError.
+
 Sources: the GGUF spec (ggml-org/ggml ``docs/gguf.md``: key names, tensor names, file types) and
 llama.cpp's ``convert_hf_to_gguf.py`` (``LlamaModel.permute`` for Q/K, ``GPT2Model`` for the fused
 QKV layout). Tensors are handed to the writer in PyTorch's (out_features, in_features) layout; GGUF
 stores dimensions innermost first, so llama.cpp sees ``{in, out}``, which is what it expects.
 
-Architectures (a config neither fits raises ConfigError naming the field):
+GPT architectures (a config neither fits raises ConfigError naming the field):
 
 - ``llama``: norm=rmsnorm, mlp=swiglu, pos=rope. Our RoPE rotates channel ``i`` with ``i + d_head/2``
   (the half-split, GPT-NeoX / HF-LLaMA layout); llama.cpp's ``llama`` graph rotates adjacent pairs
@@ -27,9 +31,11 @@ llama.cpp's ``gpt2`` vocabulary always has a BOS/EOS id (default 11); we point b
 for byte 0x00 when the vocabulary has one (it never occurs in text), otherwise at the last id.
 
 dtypes: ``f32``; ``f16``; ``q8_0`` and ``q4_0`` (blocks of 32 weights along a row with one f16 scale,
-quantized by ``gguf.quants``, the reference numpy port of ggml's quantizers). Only 2-D weight matrices
-are converted; norms and biases stay f32, and a matrix whose rows are not a multiple of 32 falls back
-to f16 (as llama.cpp's converter does).
+quantized by ``gguf.quants``, the reference numpy port of ggml's quantizers). Only 2-D ``.weight``
+matrices are converted; as in llama.cpp's converter (``ModelBase.prepare_tensors``), 1-D tensors, norms
+(``*_norm.weight``, also the 2-D ``ssm_norm``), tensors not named ``.weight`` (``ssm_a``, ``ssm_d``) and
+``ssm_conv1d`` (ggml's ``ssm_conv`` reads float32 only) stay f32, and a matrix whose rows are not a
+multiple of 32 falls back to f16.
 """
 
 from __future__ import annotations
@@ -52,14 +58,33 @@ _ARCH_SHAPES = {
 }
 
 
+def config_family(cfg: Any) -> str:
+    """The registered family whose config class is ``type(cfg)`` (``"gpt"``, ``"mamba2"``...)."""
+    from weightsmith.registry import get_family, list_families
+
+    for name in list_families():
+        if get_family(name).config_cls is type(cfg):
+            return name
+    raise ConfigError(f"{type(cfg).__name__} is not the config of a registered model family")
+
+
 def gguf_arch(cfg: Any) -> str:
-    """``"llama"`` or ``"gpt2"`` for a GPTConfig.
+    """llama.cpp's architecture for a model config: ``"llama"`` or ``"gpt2"`` for a GPTConfig,
+    ``"mamba2"`` for a Mamba2Config, ``"mamba"`` for a (Mamba-1) MambaConfig.
 
     Raises:
-        ConfigError: naming the first field that keeps the config from either architecture.
+        ConfigError: the family has no GGUF mapping, or (naming the field) the config cannot be
+            expressed in its architecture; one line.
     """
     from weightsmith.ship.export import check_gpt_options
+    from weightsmith.ship.export_gguf_ssm import SSM_ARCHS, ssm_gguf_arch
 
+    family = config_family(cfg)
+    if family in SSM_ARCHS:
+        return ssm_gguf_arch(cfg, family)
+    if family != "gpt":
+        raise ConfigError(f"model.family={family!r} has no GGUF mapping; GGUF export supports "
+                          f"{', '.join(repr(f) for f in ('gpt', *SSM_ARCHS))}")
     if getattr(cfg, "n_experts", 0):
         raise ConfigError(f"model.n_experts={cfg.n_experts} cannot be exported to GGUF yet (dense MLPs only)")
     check_gpt_options(cfg, "gguf")
@@ -89,10 +114,15 @@ def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def gguf_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Our state dict renamed (and Q/K permuted or QKV fused) to llama.cpp's tensor names, float32.
 
-    Tied embeddings are written once (``token_embd``); llama.cpp reuses it for the output.
+    Tied embeddings are written once (``token_embd``); llama.cpp reuses it for the output. The SSM
+    families are mapped by :func:`weightsmith.ship.export_gguf_ssm.ssm_gguf_tensors`.
     """
     cfg = model.config
     arch = gguf_arch(cfg)
+    if arch not in _ARCH_SHAPES:
+        from weightsmith.ship.export_gguf_ssm import ssm_gguf_tensors
+
+        return ssm_gguf_tensors(model, arch)
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {"token_embd.weight": sd["tok_emb.weight"]}
     if arch == "gpt2":
@@ -174,13 +204,19 @@ def _file_type(dtype: str) -> int:
     return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0}[dtype]
 
 
-def encode_tensor(t: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
-    """(data, GGMLQuantizationType) for one tensor: 1-D stays f32; 2-D goes to ``dtype``, or f16 if its
-    rows are not a multiple of the 32-weight quantization block."""
+def keeps_f32(name: str) -> bool:
+    """Whether llama.cpp wants tensor ``name`` in float32 whatever the file type (module docstring)."""
+    return (not name.endswith(".weight") or name.endswith("_norm.weight")
+            or ".ssm_conv1d." in name)
+
+
+def encode_tensor(t: torch.Tensor, dtype: str, name: str = "") -> tuple[np.ndarray, Any]:
+    """(data, GGMLQuantizationType) for the tensor ``name``: 1-D and :func:`keeps_f32` names stay f32;
+    2-D goes to ``dtype``, or f16 if its rows are not a multiple of the 32-weight quantization block."""
     import gguf
 
     arr = t.numpy().astype(np.float32)
-    qtype = _qtype(dtype) if arr.ndim == 2 else _qtype("f32")
+    qtype = _qtype(dtype) if arr.ndim == 2 and not (name and keeps_f32(name)) else _qtype("f32")
     if qtype not in (_qtype("f32"), _qtype("f16")):
         block = gguf.GGML_QUANT_SIZES[qtype][0]
         if arr.shape[-1] % block:
@@ -207,11 +243,12 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out_dir: Path, dtype: st
     """Write ``out_dir/model.gguf`` for llama.cpp.
 
     Args:
-        model: a ``gpt``-family model; its config picks the architecture (see module docstring).
+        model: a ``gpt``, ``mamba2`` or ``mamba`` model; its config picks the architecture (see module
+            docstring).
         dtype: ``f32``, ``f16``, ``q8_0`` or ``q4_0`` for 2-D weight matrices.
 
     Raises:
-        ConfigError: the config fits neither llama.cpp architecture, or the vocabulary does not match.
+        ConfigError: the family or config has no llama.cpp architecture, or the vocabulary does not match.
         WeightsmithError: the ``gguf`` package (the ``interop`` extra) is not installed.
     """
     from weightsmith.ship.export import import_interop
@@ -227,6 +264,30 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out_dir: Path, dtype: st
     w = _writer_allowing_empty_arrays(path, arch)
     w.add_name("weightsmith")
     w.add_vocab_size(cfg.vocab_size)
+    if arch in _ARCH_SHAPES:
+        _add_gpt_hparams(w, cfg, arch)
+    else:
+        from weightsmith.ship.export_gguf_ssm import add_ssm_hparams
+
+        add_ssm_hparams(w, cfg, arch)
+    w.add_file_type(_file_type(dtype))
+    if dtype.startswith("q"):
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_tokenizer(w, tokenizer)
+
+    for name, t in gguf_tensors(model).items():
+        data, qtype = encode_tensor(t, dtype, name)
+        w.add_tensor(name, data, raw_dtype=qtype)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()
+    return path
+
+
+def _add_gpt_hparams(w: Any, cfg: Any, arch: str) -> None:
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.d_model)
     w.add_block_count(cfg.n_layers)
@@ -239,9 +300,11 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out_dir: Path, dtype: st
         w.add_layer_norm_rms_eps(cfg.norm_eps)
     else:
         w.add_layer_norm_eps(cfg.norm_eps)
-    w.add_file_type(_file_type(dtype))
-    if dtype.startswith("q"):
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def add_tokenizer(w: Any, tokenizer: Any) -> None:
+    """The ``tokenizer.ggml.*`` keys of the module docstring (GPT-2 byte-level BPE), any architecture."""
+    import gguf
 
     tokens, merges = gguf_vocab(tokenizer)
     w.add_tokenizer_model("gpt2")
@@ -256,14 +319,3 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out_dir: Path, dtype: st
     w.add_eos_token_id(special)
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
-
-    for name, t in gguf_tensors(model).items():
-        data, qtype = encode_tensor(t, dtype)
-        w.add_tensor(name, data, raw_dtype=qtype)
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    finally:
-        w.close()
-    return path

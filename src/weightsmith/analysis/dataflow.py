@@ -31,8 +31,14 @@ def example_input(cfg: Any, batch_size: int, seq_len: int | None = None, *, devi
 
     Image models (``image_size`` in the config): a (B, in_channels, image_size, image_size) float32
     batch of zeros, ``seq_len`` ignored. Token models: (B, T) int64 ids, T = ``seq_len`` or the config's
-    ``max_seq_len``; an encoder-decoder (T5) gets the same ids as source and target.
+    ``max_seq_len``; an encoder-decoder (T5) gets the same ids as source and target. A family whose model
+    class has ``example_inputs(cfg, batch_size, device)`` (the U-Net: images, times and labels) says it.
     """
+    from weightsmith.registry import get_family
+
+    model_cls = get_family(family_of(cfg)).model_cls
+    if hasattr(model_cls, "example_inputs"):
+        return tuple(model_cls.example_inputs(cfg, batch_size, device=device)), {}
     if is_image_config(cfg):
         size = cfg.image_size
         return (torch.zeros(batch_size, cfg.in_channels, size, size, device=device),), {}

@@ -115,3 +115,37 @@ def export_onnx_classifier(model: nn.Module, labels: dict[str, Any], out_dir: Pa
                           external_data=False, verbose=False)
     (Path(out_dir) / "labels.json").write_text(json.dumps(labels, indent=2))
     return path
+
+
+def export_onnx_denoiser(model: nn.Module, labels: dict[str, Any], out_dir: Path) -> Path:
+    """Write ``out_dir/model.onnx`` for a ``unet`` denoiser and ``out_dir/labels.json`` beside it.
+
+    The graph is ``x`` (B, C, S, S) float32 (pixels in [-1, 1] at the noise level of ``t``), ``t`` (B,)
+    float32 (diffusion steps 0..T-1 for ddpm runs, 1000 t for flow matching) and, for a class-conditional
+    model, ``y`` (B,) int64 (``n_classes`` = the null label of guidance) -> ``prediction`` (B, C, S, S)
+    float32 (the noise or the velocity); B is dynamic. The samplers (weightsmith.tasks.diffusion) run
+    outside the graph, one call per step.
+
+    Raises:
+        WeightsmithError: ``onnx`` or ``onnxscript`` (the ``interop`` extra) is not installed.
+    """
+    import json
+
+    from weightsmith.ship.export import INTEROP_MODULES, import_interop
+
+    for module in INTEROP_MODULES["onnx"]:
+        import_interop(module, "onnx")
+    cfg = model.config
+    model = model.float().cpu().eval()
+    s, batch = cfg.image_size, torch.export.Dim("batch", min=1)
+    args: tuple = (torch.zeros(2, cfg.in_channels, s, s), torch.zeros(2))
+    names, dims = ["x", "t"], [{0: batch}, {0: batch}]
+    if cfg.n_classes:
+        args, names, dims = args + (torch.zeros(2, dtype=torch.long),), names + ["y"], dims + [{0: batch}]
+    path = Path(out_dir) / ONNX_FILE
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, str(path), input_names=names, output_names=["prediction"],
+                          dynamic_shapes=tuple(dims), dynamo=True, external_data=False, verbose=False)
+    (Path(out_dir) / "labels.json").write_text(json.dumps(labels, indent=2))
+    return path

@@ -5,6 +5,9 @@
     span-corruption  T5's denoising of corrupted spans                   (t5)
     classification   image classification with cross-entropy             (mlp, resnet, convnext, vit)
     recall           synthetic associative recall (MQAR, needle)         (any causal-lm family)
+    ddpm             denoising diffusion, eps-prediction                 (unet)
+    flow-matching    rectified-flow velocity regression                  (unet)
+    vae              the ELBO of a variational autoencoder               (vae)
 
 Each model family names its default task when it registers; a recipe may name another in ``[task]``
 if that task lists the family's default task in its ``also_trains`` (``recall`` trains every
@@ -20,7 +23,7 @@ from collections.abc import Callable
 from weightsmith.errors import ConfigError
 
 _TASKS: dict[str, type] = {}
-_MODULES = ("causal_lm", "masked_lm", "span_corruption", "classification", "recall")
+_MODULES = ("causal_lm", "masked_lm", "span_corruption", "classification", "recall", "diffusion", "vae")
 
 
 def register_task(name: str) -> Callable[[type], type]:

@@ -10,7 +10,9 @@ hf       f32, f16, bf16              config.json, model.safetensors, tokenizer.j
                                      vLLM and TGI load it with no custom code; see docs/serving.md)
 gguf     f32, f16, q8_0, q4_0        model.gguf (llama.cpp; arch ``llama`` or ``gpt2``; families
                                      ``mamba2`` and ``mamba``: archs ``mamba2``, ``mamba``)
-onnx     f32                         model.onnx (input_ids (B, T) -> logits (B, T, V)), tokenizer.json
+onnx     f32                         model.onnx (input_ids (B, T) -> logits (B, T, V)), tokenizer.json;
+                                     image classifiers: images -> logits, labels.json; ``unet``
+                                     runs: (x, t[, y]) -> prediction with the EMA weights, labels.json
 =======  ==========================  ==============================================================
 
 Every export also writes ``export.json`` (format, dtype, source run and checkpoint).
@@ -184,18 +186,44 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, dtype: str = "f32
 
 
 def _export_classifier(run_dir: Path, fmt: str, out: Path) -> Path:
-    """An image-classifier run -> ONNX graph + labels.json (weightsmith.ship.export_onnx)."""
+    """An image-classifier run -> ONNX graph + labels.json (weightsmith.ship.export_onnx); a ``unet`` run
+    -> the denoiser's graph (:func:`_export_denoiser`)."""
     from weightsmith.ship.export_onnx import export_onnx_classifier
     from weightsmith.train.checkpoint import load_run
 
+    family = run_dir_family(run_dir)
     if fmt != "onnx":
-        raise ConfigError(f"--format {fmt}: image classifiers export to onnx only")
+        raise ConfigError(f"--format {fmt}: image models ({family}) export to onnx only")
     _exporter(fmt)
+    if family == "unet":
+        return _export_denoiser(run_dir, out)
+    if family == "vae":
+        raise ConfigError("model.family='vae' cannot be exported to ONNX; supported image families: the "
+                          "classifiers and 'unet'")
     run = load_run(run_dir)
     labels = json.loads((run_dir / "labels.json").read_text())
     with atomic_output_dir(out) as tmp:
         export_onnx_classifier(run.model, labels, tmp)
         meta = {"format": fmt, "dtype": "f32", "run_dir": str(run_dir.resolve()), "checkpoint": run.checkpoint.name}
+        (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def _export_denoiser(run_dir: Path, out: Path) -> Path:
+    """A ``unet`` run (ddpm or flow-matching) -> ONNX graph of one denoiser forward with the EMA weights that
+    sampling uses (weightsmith.ship.export_onnx.export_onnx_denoiser) + labels.json."""
+    from weightsmith.ship.export_onnx import export_onnx_denoiser
+    from weightsmith.ship.sample import open_generative_run
+    from weightsmith.train.checkpoint import list_checkpoints
+
+    task, model = open_generative_run(run_dir)
+    labels = json.loads((run_dir / "labels.json").read_text())
+    labels["task"] = task.name
+    with atomic_output_dir(out) as tmp, task.sampling_weights(model):
+        export_onnx_denoiser(model, labels, tmp)
+        meta = {"format": "onnx", "dtype": "f32", "run_dir": str(run_dir.resolve()),
+                "checkpoint": list_checkpoints(run_dir)[-1].name,
+                "weights": "ema" if task.ema is not None else "raw"}
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 

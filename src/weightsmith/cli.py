@@ -12,7 +12,7 @@
     weightsmith quantize RUN_DIR --method int8|int4|gptq-int4 [--group-size 64] --out DIR
     weightsmith models [PATTERN]
     weightsmith inspect MODEL [--batch-size B] [--seq-len T] [--dtype D] [--optimizer adamw|sgd] [--json]
-                              [--model.key=value ...]
+                              [--sampler S --steps N --guidance W] [--model.key=value ...]
     weightsmith --version
 
 Dotted overrides (``--section.key=value``) are taken by prepare, train and inspect only; the other
@@ -85,7 +85,8 @@ examples:
 examples:
   weightsmith inspect gpt2 --seq-len 512 --batch-size 8 --dtype bf16
   weightsmith inspect recipes/tiny.toml --json
-  weightsmith inspect gpt --model.d_model=256 --model.n_layers=4""",
+  weightsmith inspect gpt --model.d_model=256 --model.n_layers=4
+  weightsmith inspect recipes/fmnist-flow.toml --sampler heun --steps 25   # FLOPs per sample""",
 }
 OVERRIDES_NOTE = {
     "prepare": OVERRIDES_HELP + "\n  e.g. --data.vocab_size=512; only the [data] section matters here.",
@@ -282,7 +283,8 @@ def _cmd_inspect(args, overrides) -> int:
     from weightsmith.analysis.inspect import format_report, inspect_model
 
     report = inspect_model(args.model, batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype,
-                           optimizer=args.optimizer, overrides=overrides)
+                           optimizer=args.optimizer, overrides=overrides, sampler=args.sampler, steps=args.steps,
+                           guidance=args.guidance)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -377,6 +379,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "sgd-momentum"],
                    help="optimizer whose state is counted")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "euler", "heun"],
+                   help="unet only: the sampler of the FLOPs-per-sample line (default: the recipe's, else ddim)")
+    p.add_argument("--steps", type=int, metavar="S", default=None, help="unet only: sampler steps (default 50)")
+    p.add_argument("--guidance", type=float, metavar="W", default=None,
+                   help="unet only: classifier-free guidance w; != 1 doubles the forwards (default 1)")
 
     return parser, handlers
 

@@ -6,6 +6,8 @@ as text. Shape legend: B batch, T sequence, D = d_model, V = vocab_size.
 
 Image models (configs with ``image_size``) are analysed per image: one token is one image, ``seq_len``
 is 1, and every ``*_per_token`` number is per image (see :mod:`weightsmith.analysis.components_vision`).
+A ``unet`` denoiser also gets ``sampling`` (:func:`sampling_cost`): the FLOPs of one sample, NFE x
+forwards per evaluation x FLOPs per forward, for a sampler and a number of steps.
 """
 
 from __future__ import annotations
@@ -68,6 +70,53 @@ def _data_decided_fields(fields: dict[str, Any], tree: dict[str, Any]) -> None:
     data_cfg = from_dict(task_cls.data_config_cls, tree.get("data", {}), "data")
     for key, value in task_cls.placeholder_fields(data_cfg).items():
         fields.setdefault(key, value)
+
+
+# the samplers of weightsmith.tasks.diffusion and the task each belongs to
+SAMPLERS = {"ddim": "ddpm", "ddpm": "ddpm", "euler": "flow-matching", "heun": "flow-matching"}
+
+
+def sampling_cost(cfg: Any, flops_fwd: float, *, sampler: str, steps: int, guidance: float) -> dict[str, Any]:
+    """FLOPs of one sample of a U-Net denoiser with a sampler of :mod:`weightsmith.tasks.diffusion`.
+
+    ``nfe`` = steps (``ddim``, ``ddpm``, ``euler``) or 2 x steps (``heun``: its corrector evaluates at every
+    step, the last one included); ``forwards_per_image`` = nfe, x2 with classifier-free guidance (w != 1:
+    the conditional and the null label in one batched forward of 2B images); ``flops_per_sample`` =
+    forwards_per_image x ``flops_fwd`` (forward FLOPs per image, 2 per multiply-add).
+
+    Raises:
+        ConfigError: an unknown sampler, steps < 1, guidance for an unconditional model.
+    """
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"sampler={sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {steps}")
+    if guidance != 1.0 and not getattr(cfg, "n_classes", 0):
+        raise ConfigError(f"guidance={guidance:g} needs a class-conditional model (model.n_classes = 0)")
+    nfe = steps * (2 if sampler == "heun" else 1)
+    forwards = nfe * (2 if guidance != 1.0 else 1)
+    return {"task": SAMPLERS[sampler], "sampler": sampler, "steps": steps, "guidance": guidance, "nfe": nfe,
+            "forwards_per_image": forwards, "flops_fwd_per_image": flops_fwd,
+            "flops_per_sample": forwards * flops_fwd}
+
+
+def _sampling_options(model: str, sampler: str | None, steps: int | None,
+                      guidance: float | None) -> dict[str, Any]:
+    """Sampler, steps and guidance: the given ones, else the recipe's or run's [task] (ddpm or
+    flow-matching), else that task's defaults (ddpm's for a preset)."""
+    from weightsmith.config import load_toml
+    from weightsmith.tasks import get_task
+
+    path = Path(model)
+    path = path / "config.toml" if path.is_dir() else path
+    task = dict(load_toml(path).get("task", {})) if path.suffix == ".toml" and path.is_file() else {}
+    name = task.get("name") if task.get("name") in ("ddpm", "flow-matching") else None
+    if name is None:
+        name, task = (SAMPLERS[sampler] if sampler in SAMPLERS else "ddpm"), {}
+    defaults = get_task(name).config_cls()
+    return {"sampler": sampler or task.get("sampler", defaults.sampler),
+            "steps": steps or task.get("sample_steps", defaults.sample_steps),
+            "guidance": guidance if guidance is not None else task.get("guidance", defaults.guidance)}
 
 
 def resolve_model(model: str, overrides: list[str] | dict[str, Any] | None = None) -> tuple[str, str, Any]:
@@ -150,7 +199,9 @@ def module_table(rows: list[Row], batch_size: int, seq_len: int, nbytes: int) ->
 
 
 def inspect_model(model: str, *, batch_size: int = 1, seq_len: int | None = None, dtype: str = "float32",
-                  optimizer: str = "adamw", overrides: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
+                  optimizer: str = "adamw", overrides: list[str] | dict[str, Any] | None = None,
+                  sampler: str | None = None, steps: int | None = None,
+                  guidance: float | None = None) -> dict[str, Any]:
     """Everything about a model's size and cost at (batch_size, seq_len), as a JSON-ready dict.
 
     Args:
@@ -159,6 +210,8 @@ def inspect_model(model: str, *, batch_size: int = 1, seq_len: int | None = None
         dtype: element type for every byte count (``float32``, ``bf16``...).
         optimizer: ``adamw`` (2 states per parameter), ``sgd`` (0) or ``sgd-momentum`` (1).
         overrides: ``--model.key=value`` strings or a dict of model fields.
+        sampler, steps, guidance: a ``unet`` model's sampler (``ddim``, ``ddpm``, ``euler``, ``heun``) for
+            ``sampling`` (:func:`sampling_cost`); unset: the recipe's or run's [task], else ddpm's defaults.
 
     Returns:
         A dict with ``params_*`` (elements), ``flops_*`` (FLOPs, 2 per multiply-add, per token unless
@@ -192,6 +245,11 @@ def inspect_model(model: str, *, batch_size: int = 1, seq_len: int | None = None
     mem = memory_estimate(family, cfg, batch_size=batch_size, seq_len=T, dtype=dtype, optimizer=optimizer, rows=rows)
     # 6N assumes each weight is used once per token; an image model reuses its weights at every position
     six_n = None if image else 6.0 * (counts["active"] - counts["embedding"])
+    extra: dict[str, Any] = {}
+    if family == "unet":
+        extra["sampling"] = sampling_cost(cfg, fwd["total"], **_sampling_options(model, sampler, steps, guidance))
+    elif (sampler, steps, guidance) != (None, None, None):
+        raise ConfigError(f"--sampler, --steps and --guidance apply to unet models; {name} is of family {family}")
     return {
         "model": name, "family": family, "config": to_dict(cfg), "batch_size": batch_size, "seq_len": T,
         "unit": "image" if image else "token",
@@ -213,7 +271,7 @@ def inspect_model(model: str, *, batch_size: int = 1, seq_len: int | None = None
         "memory_backward_transient_bytes": mem["backward_transient"],
         "memory_train_bytes": mem["train_peak"], "memory_train_checkpointed_bytes": mem["train_peak_checkpointed"],
         "memory_infer_bytes": mem["infer_peak"],
-        "modules": module_table(rows, batch_size, T, nb),
+        "modules": module_table(rows, batch_size, T, nb), **extra,
     }
 
 
@@ -272,6 +330,12 @@ def format_report(report: dict[str, Any]) -> str:
         f"{human(r['memory_infer_bytes'], 'B')}{kv}",
         "",
     ]
+    if "sampling" in r:
+        sp = r["sampling"]
+        lines[-1:-1] = [f"sampling     {sp['sampler']} {sp['steps']} steps, guidance {sp['guidance']:g}: "
+                        f"NFE {sp['nfe']}, "
+                        f"{sp['forwards_per_image']} forwards/image x {human(sp['flops_fwd_per_image'])} = "
+                        f"{human(sp['flops_per_sample'])} FLOPs per sample"]
     per, act_at = ("fwd FLOPs/img", "act @B") if image else ("fwd FLOPs/tok", "act @B,T")
     head = f"{'module':34s} {'count':>5s} {'params':>12s} {per:>14s} {act_at:>11s}  weights"
     lines += [head, "-" * len(head)]

@@ -83,10 +83,12 @@ def get_preset(name: str) -> Preset:
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Names of presets and families matching a glob pattern, sorted."""
+    """Names of presets and families matching a glob pattern, sorted; a preset also matches when its
+    family's name does (``models unet`` lists the unet family and its presets)."""
     _ensure_loaded()
-    names = set(_PRESETS) | set(_FAMILIES)
-    return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
+    names = {n for n in set(_PRESETS) | set(_FAMILIES) if fnmatch.fnmatch(n, pattern)}
+    names |= {n for n, p in _PRESETS.items() if fnmatch.fnmatch(p.family, pattern)}
+    return sorted(names)
 
 
 def list_families() -> list[str]:

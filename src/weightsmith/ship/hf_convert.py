@@ -14,6 +14,7 @@ BertModel              bert       pooler kept; MLM head dropped
 BertForMaskedLM        bert-mlm   chosen when the checkpoint has the MLM head (``cls.predictions``)
 T5ForConditionalGeneration  t5    shared embedding, tied lm_head (scaled by d_model^-0.5)
 Mamba2ForCausalLM      mamba2     in ship/hf_convert_mamba2.py: parameter names shared, prefixes renamed
+MambaForCausalLM       mamba      in ship/hf_convert_mamba.py: parameter names shared, prefixes renamed
 =====================  =========  ==============================================================
 
 :func:`ours_to_hf` goes the other way for the ``gpt`` family: LLaMA-shaped configs (RMSNorm,
@@ -461,7 +462,8 @@ def ours_to_hf(cfg: Any, state_dict: StateDict) -> tuple[dict[str, Any], StateDi
 
 _FROM_HF = {"gpt2": ("gpt", "gpt2_to_ours"), "llama": ("gpt", "llama_to_ours"),
             "mixtral": ("gpt", "mixtral_to_ours"), "bert": ("bert", "bert_to_ours"), "t5": ("t5", "t5_to_ours"),
-            "mamba2": ("mamba2", "mamba2_to_ours")}
+            "mamba2": ("mamba2", "mamba2_to_ours"), "mamba": ("mamba", "mamba_to_ours")}
+from weightsmith.ship.hf_convert_mamba import mamba_to_ours  # noqa: E402, F401 (dispatched by _FROM_HF)
 from weightsmith.ship.hf_convert_mamba2 import mamba2_to_ours  # noqa: E402, F401 (dispatched by _FROM_HF)
 
 

@@ -34,3 +34,8 @@ class TrainingInterrupted(WeightsmithError):
 class TrainingDiverged(WeightsmithError):
     """Training kept becoming unstable (non-finite or spiking losses) after the allowed rewinds, or had no
     checkpoint to rewind to (weightsmith.train.stability)."""
+
+
+class DistributedError(WeightsmithError):
+    """A rank of a distributed run died or stopped answering within ``train.dist_timeout``, so the
+    others stop too (weightsmith.train.distributed)."""

@@ -13,6 +13,9 @@ A run directory::
         model.safetensors   weights (shared tensors such as tied embeddings stored once)
         train_state.pt      optimizer, RNG and data-position state (tensors and plain data only)
         meta.json           step and the sha256 of each file above; written last
+        .metadata, __R_0.distcp   torchrun runs only: DCP files of model and optimizer (every rank
+                            writes its own; weightsmith.train.distributed), train_state.pt then
+                            holds no optimizer
 
 A checkpoint is written into ``checkpoints/.tmp-*``, every file is fsynced, and the directory is renamed
 into place, so a reader never sees a half-written checkpoint. Re-saving a step moves the old one to
@@ -31,6 +34,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,8 +54,12 @@ META = "meta.json"
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any] | None,
-                    keep: int = 0) -> Path:
-    """Write ``checkpoints/step_{step:06d}`` atomically; keep only the newest ``keep`` (0 = all)."""
+                    keep: int = 0, *, write_extra: Callable[[Path], list[str]] | None = None) -> Path:
+    """Write ``checkpoints/step_{step:06d}`` atomically; keep only the newest ``keep`` (0 = all).
+
+    ``write_extra(tmp)``, when given, writes more files into the temporary directory and returns their
+    names; they are fsynced, hashed into ``meta.json`` and renamed into place with the rest (the DCP
+    files of a distributed run, weightsmith.train.distributed)."""
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -66,6 +74,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
             torch.save(state, tmp / STATE)
             files.append(STATE)
             point("train state written")
+        if write_extra is not None:
+            files.extend(write_extra(tmp))
         for name in files:
             fsync_file(tmp / name)
         point("files fsynced")

@@ -80,6 +80,14 @@ class TrainConfig:
         "before the first of them, keeping the data position (the window in between is skipped)")})
     rewind_window: int = field(default=100, metadata={"doc": "optimizer steps over which `rewind_events` are counted"})
     max_rewinds: int = field(default=3, metadata={"doc": "rewinds allowed per run; one more stops it with an error"})
+    parallel: Literal["none", "ddp", "fsdp"] = field(default="none", metadata={"doc": (
+        "data parallelism when launched by torchrun (weightsmith.train.distributed): `ddp` "
+        "(DistributedDataParallel), `fsdp` (FSDP2 `fully_shard`); `none` is one process, and means `ddp` "
+        "under torchrun with more than one process. The global batch stays `batch_size x grad_accum`; "
+        "each rank takes batch_size / world rows of every micro-batch")})
+    dist_timeout: float = field(default=600.0, metadata={"doc": (
+        "seconds a rank waits in a collective for the others before failing (the process group's "
+        "timeout), so a run whose rank died stops instead of hanging")})
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "ckpt_every",
@@ -130,6 +138,11 @@ class TrainConfig:
                                   f"got {getattr(self, name)}")
         if self.max_rewinds < 0:
             raise ConfigError(f"train.max_rewinds must be >= 0, got {self.max_rewinds}")
+        if self.parallel not in ("none", "ddp", "fsdp"):
+            raise ConfigError(f"train.parallel = {self.parallel!r} is not allowed; choose one of "
+                              "['none', 'ddp', 'fsdp']")
+        if self.dist_timeout <= 0:
+            raise ConfigError(f"train.dist_timeout must be positive seconds, got {self.dist_timeout}")
 
 
 @dataclass(kw_only=True)

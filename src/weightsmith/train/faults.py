@@ -9,7 +9,9 @@ Tests set it to a comma-separated list of faults:
 - ``ckpt_kill@N``: the process SIGKILLs itself at the N-th fault point (1-based, counted over the whole
   process) reached inside checkpoint writing (:func:`checkpoint_point`, called by
   weightsmith.train.checkpoint.save_checkpoint between its writes, fsyncs and renames);
-  ``ckpt_kill@LABEL#K``: at the K-th time the point named LABEL (e.g. ``renamed into place``) is reached.
+  ``ckpt_kill@LABEL#K``: at the K-th time the point named LABEL (e.g. ``renamed into place``) is reached;
+- ``rank_kill@R:K``: the process of rank R (torchrun's ``RANK``; 0 without torchrun) SIGKILLs itself
+  when it draws micro-batch K, as a node lost mid-run would (weightsmith.train.distributed).
 
 K may be a range ``K-L`` (inclusive). K counts micro-batches drawn since the run began, skipped and
 rewound ones included (the trainer's ``draws``, saved in checkpoints), so a fault is attached to a
@@ -35,9 +37,13 @@ class Faults:
     nan_grad: frozenset[int] = frozenset()
     spike: dict[int, float] = field(default_factory=dict)
     ckpt_kill: int | tuple[str, int] | None = None
+    rank_kill: tuple[int, int] | None = None
 
     def poison(self, loss: torch.Tensor, draw: int) -> torch.Tensor:
         """``loss`` (a scalar) of micro-batch ``draw``, with this micro-batch's fault applied."""
+        if self.rank_kill is not None and self.rank_kill == (int(os.environ.get("RANK", 0)), draw):
+            print(f"fault: SIGKILL of rank {self.rank_kill[0]} at micro-batch {draw}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
         if draw in self.nan_loss:
             return loss * float("nan")
         if draw in self.nan_grad:
@@ -66,7 +72,7 @@ def _positions(text: str) -> list[int]:
 
 @lru_cache(maxsize=4)
 def _parse(spec: str) -> Faults | None:
-    nan_loss, nan_grad, spike, kill = set(), set(), {}, None
+    nan_loss, nan_grad, spike, kill, rank_kill = set(), set(), {}, None, None
     for item in filter(None, (s.strip() for s in spec.split(","))):
         kind, _, where = item.partition("@")
         if kind == "nan_loss":
@@ -79,10 +85,13 @@ def _parse(spec: str) -> Faults | None:
         elif kind == "ckpt_kill":
             label, _, k = where.rpartition("#")
             kill = (label, int(k)) if label else int(where)
+        elif kind == "rank_kill":
+            rank, _, k = where.partition(":")
+            rank_kill = (int(rank), int(k))
         else:
             raise ValueError(f"{ENV}: unknown fault {item!r}; known: nan_loss@K, nan_grad@K, spike@K[:F], "
-                             "ckpt_kill@N")
-    return Faults(frozenset(nan_loss), frozenset(nan_grad), spike, kill)
+                             "ckpt_kill@N, rank_kill@R:K")
+    return Faults(frozenset(nan_loss), frozenset(nan_grad), spike, kill, rank_kill)
 
 
 def active() -> Faults | None:

@@ -40,18 +40,17 @@ import torch
 import weightsmith
 from weightsmith.config import apply_overrides, dump_toml, load_toml
 from weightsmith.errors import CheckpointError, ConfigError, TrainingInterrupted
+from weightsmith.train import distributed
 from weightsmith.train.checkpoint import (
     atomic_write_text,
     latest_good_checkpoint,
     list_checkpoints,
     load_train_state,
-    load_weights,
     recover_checkpoints,
-    save_checkpoint,
 )
 from weightsmith.train.config import SampleConfig, TrainConfig  # noqa: F401  (re-exported)
 from weightsmith.train.faults import active as active_faults
-from weightsmith.train.optim import build_optimizer, load_optimizer_state, lr_at, set_lr
+from weightsmith.train.optim import build_optimizer, lr_at, set_lr
 from weightsmith.train.stability import StabilityGuard
 
 
@@ -140,12 +139,13 @@ def train(recipe_path: str | Path, overrides: list[str] | None = None, *, out: s
     from weightsmith.recipe import load_recipe, recipe_from_tree
 
     recipe = load_recipe(recipe_path, overrides)
-    run_dir = resolve_run_dir(recipe.name, out, resume)
-    if resume:
-        tree = apply_overrides(load_toml(run_dir / "config.toml"), overrides or [])
-        recipe = recipe_from_tree(tree, name=recipe.name)
-        log(f"resuming {run_dir} with its saved config.toml")
-    return run_training(recipe, run_dir, resume=resume, log=log)
+    with distributed.peer_failures():  # under torchrun: a lost rank is one line, not a traceback per rank
+        run_dir = distributed.on_main(resolve_run_dir, recipe.name, out, resume, tc=recipe.train)  # rank 0 decides
+        if resume:
+            tree = apply_overrides(load_toml(run_dir / "config.toml"), overrides or [])
+            recipe = recipe_from_tree(tree, name=recipe.name)
+            log(f"resuming {run_dir} with its saved config.toml")
+        return run_training(recipe, run_dir, resume=resume, log=log)
 
 
 class _StopSignals:
@@ -212,11 +212,12 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
     from weightsmith.registry import model_from_config
 
     tc: TrainConfig = recipe.train
-    device = tc.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if tc.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("train.device='cuda' but torch.cuda.is_available() is False; use train.device='cpu'")
+    dist = distributed.setup(tc)  # torchrun: DDP / FSDP2 (weightsmith.train.distributed); else one process
+    device = dist.device
     task = recipe.task_cls(recipe.task, recipe.data, tc, recipe.sample)
-    task.setup(run_dir, resume=resume, log=log)
+    dist.main_first(lambda: task.setup(run_dir, resume=resume, log=log))  # rank 0 fills the data cache first
     model_cfg = recipe.model_config(task.model_fields())
     task.check_model(model_cfg)
     use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.startswith("cuda"))
@@ -227,28 +228,36 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
     np.random.seed(tc.seed)
     model = model_from_config(recipe.family, model_cfg, device=device)
     model.train()
+    model = dist.prepare_model(model)  # FSDP2 shards it in place, before the optimizer sees the parameters
     optimizer = build_optimizer(tc.optimizer, model, tc)
     batches = task.batches(device)
     min_lr = tc.min_lr if tc.min_lr is not None else tc.lr / 10
-    guard = StabilityGuard(tc, run_dir, log=log)
+    own_dir = run_dir if dist.is_main else dist.scratch  # only rank 0 writes the run's logs
+    guard = StabilityGuard(tc, own_dir, log=log)
+
+    def plain_model() -> torch.nn.Module:  # an unsharded copy, for FSDP checkpoints and the final eval
+        return model_from_config(recipe.family, model_cfg, device=device)
     faults = active_faults()  # test-only fault injection (weightsmith.train.faults); None in real runs
 
     def restore(ckpt: Path) -> dict:
         """Weights, optimizer, task state and global RNG from ``ckpt``; returns its train state."""
-        load_weights(model, ckpt)
         state = load_train_state(ckpt)
         if state.get("optimizer_name", "adamw") != tc.optimizer:
             raise CheckpointError(f"{ckpt} holds {state.get('optimizer_name', 'adamw')} state but "
                                   f"train.optimizer={tc.optimizer!r}; resume with the run's own optimizer")
-        load_optimizer_state(optimizer, state["optimizer"], str(ckpt))
+        # either format, whichever world size wrote it (DCP reshards)
+        dist.load_checkpoint(model, optimizer, ckpt, state, plain_model,
+                             lambda m: build_optimizer(tc.optimizer, m, tc))
         task.load_state_dict(state.get("task", {}))
         _set_rng_state(state["rng"])
         return state
 
     step, seen, elapsed_before, draws = 0, 0, 0.0, 0  # draws: micro-batches drawn, skipped ones included
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = own_dir / "metrics.jsonl"
     if resume:
-        recover_checkpoints(run_dir, log=log)
+        if dist.is_main:
+            recover_checkpoints(run_dir, log=log)
+        dist.barrier()
         ckpt = latest_good_checkpoint(run_dir, log=log)
         if ckpt is None:
             raise CheckpointError(f"no intact checkpoint to resume in {run_dir / 'checkpoints'}")
@@ -262,15 +271,18 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         log(f"resumed from {ckpt} at step {step}")
         start_step = step
-    else:
+    elif dist.is_main:
         start_step = 0
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.toml", dump_toml(recipe.to_tree(model_cfg)))
         task.write_artifacts(run_dir)
         manifest = {"weightsmith": weightsmith.__version__, "git_commit": _git_commit(),
                     "torch": torch.__version__, "machine": machine_info(), "task": task.name,
-                    "data": task.data_manifest(), "created": datetime.now().isoformat(timespec="seconds")}
+                    "data": task.data_manifest(), "created": datetime.now().isoformat(timespec="seconds"),
+                    "world_size": dist.world, "parallel": dist.mode}
         atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2))
+    else:
+        start_step = 0
 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"run {run_dir}: {recipe.family} with {n_params:,} parameters, task {task.name}, "
@@ -279,7 +291,8 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
         from weightsmith.train.activation_checkpointing import apply_activation_checkpointing
 
         apply_activation_checkpointing(model)
-    step_fn = torch.compile(model) if tc.compile else model
+    step_fn = dist.step_module(model)  # the DDP wrapper under ddp; the (sharded) model itself otherwise
+    step_fn = torch.compile(step_fn) if tc.compile else step_fn
     # modules that leave an auxiliary loss after each forward (MoE load balancing); none for dense models
     aux_modules = [m for m in model.modules() if hasattr(m, "aux_loss")]
 
@@ -288,11 +301,12 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
     def checkpoint() -> None:
         metrics.flush()
         os.fsync(metrics.fileno())  # the log is durable up to the step the checkpoint holds
-        state = {"optimizer": optimizer.state_dict(), "optimizer_name": tc.optimizer,
+        state = {"optimizer_name": tc.optimizer,
                  "batches": batches.state_dict(), "task": task.state_dict(),
                  "rng": _rng_state(), "step": step, "seen": seen, "draws": draws, "stability": guard.state_dict(),
                  "elapsed_s": elapsed_before + (time.perf_counter() - t_start)}
-        save_checkpoint(run_dir, step, model, state, keep=tc.keep_checkpoints)
+        # one process: the optimizer's state dict joins train_state.pt; distributed: DCP files beside it
+        dist.save_checkpoint(run_dir, step, model, optimizer, state, tc.keep_checkpoints, plain_model)
 
     def rewind() -> None:
         """Back to the newest intact checkpoint before the recent unstable steps (weightsmith.train.stability),
@@ -312,7 +326,8 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
 
     t_start = time.perf_counter()
     t_last, seen_last = t_start, seen
-    bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", disable=None, dynamic_ncols=True)
+    bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", disable=None if dist.is_main else True,
+               dynamic_ncols=True)
     plain = bar.disable  # no terminal (| tee, nohup, a cluster job): one plain line per log_every steps
     stop_reason = "max_steps"
     with _StopSignals() as signals:
@@ -333,7 +348,8 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
             set_lr(optimizer, lr)  # each group: lr x its lr_scale (Muon's groups have their own base lr)
             loss_sum, parts_sum = 0.0, {}
             for _ in range(tc.grad_accum):
-                batch = batches.next()
+                full_batch = batches.next()  # every rank draws the same micro-batch and keeps its own rows
+                batch = dist.shard(full_batch)
                 with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype,
                                     enabled=autocast_dtype is not None):
                     loss, parts = task.loss(step_fn, batch)
@@ -346,7 +362,7 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
                 loss_sum += loss.item()
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
-                seen += task.count(batch)
+                seen += task.count(full_batch)
                 draws += 1
             norms = None
             if tc.log_grad_norms and ((step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps):
@@ -355,6 +371,8 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             else:
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            grad_norm = dist.full_tensor(grad_norm)  # FSDP2: a DTensor over the shards
+            loss_sum, parts_sum = dist.mean_loss(loss_sum, parts_sum)  # logged: means over the ranks' rows
             loss_val = loss_sum / tc.grad_accum
             if guard.check(step + 1, loss_val, float(grad_norm), (draws - tc.grad_accum, draws)) is not None:
                 optimizer.zero_grad(set_to_none=True)  # skipped before the update; the next step draws new data
@@ -406,8 +424,13 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
             exit_code=130 if stop_reason == "SIGINT" else 143)
     log(f"stopped at step {step} ({stop_reason}) after {elapsed_before + train_seconds:.1f} s")
 
-    summary = task.finish(model, run_dir, device=device, autocast_dtype=autocast_dtype, log=log)
-    if step > start_step:
+    final = dist.final_model(model, plain_model)  # rank 0 evaluates and samples; an unsharded copy for FSDP
+    if final is None:
+        return run_dir
+    summary = task.finish(final, run_dir, device=device, autocast_dtype=autocast_dtype, log=log)
+    if step > start_step and dist.world > 1:
+        log("MFU skipped: not measured for a distributed run yet (the rate is global, the peak per process)")
+    elif step > start_step:
         report_mfu(run_dir, task, recipe.family, model_cfg, metrics_path, device, use_bf16, log=log)
     log(f"run directory: {run_dir}  ({task.headline(summary)})")
     return run_dir

@@ -1,0 +1,7 @@
+"""``python -m weightsmith``: the command line (weightsmith.cli), also what ``torchrun -m weightsmith`` runs."""
+
+import sys
+
+from weightsmith.cli import main
+
+sys.exit(main())

@@ -1,12 +1,15 @@
 """Data-parallel training under real ``torchrun --nproc_per_node=2`` on CPU (gloo), against one process.
 
-Every run trains the tiny GPT of tests/test_cli.py (batch 4, constant lr) for 6 steps. Tolerance for
-the logged fp32 losses, which differ only in reduction order (two ranks' gradient sums are added by
-gloo instead of in one backward): 1e-5 absolute on losses near 3.8. Measured max |difference| over the
-6 steps, CPU, torch 2.13: DDP vs one process 2.4e-7; FSDP2 vs DDP 0.0; resumed 2 -> 1 and 1 -> 2
-(3 steps at one world size, 3 at the other) vs the uninterrupted one-process run 3.6e-7 and 2.4e-7.
+Every run trains the tiny GPT of tests/test_cli.py (global batch 4 x grad_accum 2, constant lr) for 6
+steps; with 2 ranks each takes 2 rows of every micro-batch. Tolerance for the logged losses, which differ
+only in fp32 reduction order (gloo adds the two ranks' gradients instead of one backward summing all
+rows): 1e-5 absolute on losses near 3.8. Measured max |difference| over the 6 steps, CPU, torch 2.13:
+DDP vs one process 2.4e-7 (one fp32 ulp at 3.8); FSDP2 vs DDP 6.0e-8; resumed 2 -> 1 (DDP, then a plain
+process) and 1 -> 2 (a plain process, then FSDP2), 3 steps each side, vs the uninterrupted one-process
+run: 2.4e-7 and 2.4e-7.
 
-The multi-process tests carry the ``dist`` marker (``pytest -m dist``); they are in the default run.
+The multi-process tests carry the ``dist`` marker (``pytest -m dist``): about 50 s in the default run
+on 2 cores; the hang test (~45 s, most of it torchrun's own 30 s grace period) is also ``slow``.
 """
 
 import json
@@ -26,7 +29,8 @@ from weightsmith.train.config import TrainConfig
 from weightsmith.train.faults import _parse
 
 TOL = 1e-5
-CONST = ["--train.schedule=constant", "--train.warmup_steps=0"]  # the lr does not depend on max_steps
+# constant lr: it does not depend on max_steps; grad_accum 2: every step accumulates two micro-batches
+CONST = ["--train.schedule=constant", "--train.warmup_steps=0", "--train.grad_accum=2"]
 
 
 def losses(run_dir):
@@ -120,7 +124,19 @@ def test_killing_one_rank_stops_the_run_with_one_line(setup):
     assert len(errors) == 1, proc.stderr[-3000:]
     assert "rank 0: another rank of this torchrun job died or stopped answering" in errors[0]
     assert "[rank0]: Traceback" not in proc.stderr  # the survivor reports one line, no traceback
-    assert max(losses(setup[0] / "killed")) == 3  # it got as far as the micro-batch before the kill
+    assert max(losses(setup[0] / "killed")) == 1  # micro-batch 3 is the second of step 2
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_rank_that_hangs_times_out_with_one_line(setup):
+    """rank 1 SIGSTOPs itself: rank 0 fails its collective after train.dist_timeout (8 s) instead of
+    waiting forever; torchrun then needs its own 30 s grace period to SIGKILL the stopped rank (~45 s)."""
+    proc = run(setup, "hung", "--train.dist_timeout=8", nproc=2, env={"WEIGHTSMITH_TEST_FAULTS": "rank_stop@1:3"},
+               timeout=150)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "Timed out waiting 8000ms" in errors[0], proc.stderr[-3000:]
 
 
 # ---- without torchrun ----

@@ -11,7 +11,8 @@ Tests set it to a comma-separated list of faults:
   weightsmith.train.checkpoint.save_checkpoint between its writes, fsyncs and renames);
   ``ckpt_kill@LABEL#K``: at the K-th time the point named LABEL (e.g. ``renamed into place``) is reached;
 - ``rank_kill@R:K``: the process of rank R (torchrun's ``RANK``; 0 without torchrun) SIGKILLs itself
-  when it draws micro-batch K, as a node lost mid-run would (weightsmith.train.distributed).
+  when it draws micro-batch K, as a node lost mid-run would (weightsmith.train.distributed);
+  ``rank_stop@R:K``: it SIGSTOPs itself there instead, a rank that hangs without dying.
 
 K may be a range ``K-L`` (inclusive). K counts micro-batches drawn since the run began, skipped and
 rewound ones included (the trainer's ``draws``, saved in checkpoints), so a fault is attached to a
@@ -38,12 +39,16 @@ class Faults:
     spike: dict[int, float] = field(default_factory=dict)
     ckpt_kill: int | tuple[str, int] | None = None
     rank_kill: tuple[int, int] | None = None
+    rank_stop: tuple[int, int] | None = None
 
     def poison(self, loss: torch.Tensor, draw: int) -> torch.Tensor:
         """``loss`` (a scalar) of micro-batch ``draw``, with this micro-batch's fault applied."""
         if self.rank_kill is not None and self.rank_kill == (int(os.environ.get("RANK", 0)), draw):
             print(f"fault: SIGKILL of rank {self.rank_kill[0]} at micro-batch {draw}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.rank_stop is not None and self.rank_stop == (int(os.environ.get("RANK", 0)), draw):
+            print(f"fault: SIGSTOP of rank {self.rank_stop[0]} at micro-batch {draw}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
         if draw in self.nan_loss:
             return loss * float("nan")
         if draw in self.nan_grad:
@@ -72,7 +77,7 @@ def _positions(text: str) -> list[int]:
 
 @lru_cache(maxsize=4)
 def _parse(spec: str) -> Faults | None:
-    nan_loss, nan_grad, spike, kill, rank_kill = set(), set(), {}, None, None
+    nan_loss, nan_grad, spike, kill, rank_kill, rank_stop = set(), set(), {}, None, None, None
     for item in filter(None, (s.strip() for s in spec.split(","))):
         kind, _, where = item.partition("@")
         if kind == "nan_loss":
@@ -85,13 +90,16 @@ def _parse(spec: str) -> Faults | None:
         elif kind == "ckpt_kill":
             label, _, k = where.rpartition("#")
             kill = (label, int(k)) if label else int(where)
-        elif kind == "rank_kill":
+        elif kind in ("rank_kill", "rank_stop"):
             rank, _, k = where.partition(":")
-            rank_kill = (int(rank), int(k))
+            if kind == "rank_kill":
+                rank_kill = (int(rank), int(k))
+            else:
+                rank_stop = (int(rank), int(k))
         else:
             raise ValueError(f"{ENV}: unknown fault {item!r}; known: nan_loss@K, nan_grad@K, spike@K[:F], "
-                             "ckpt_kill@N, rank_kill@R:K")
-    return Faults(frozenset(nan_loss), frozenset(nan_grad), spike, kill, rank_kill)
+                             "ckpt_kill@N, rank_kill@R:K, rank_stop@R:K")
+    return Faults(frozenset(nan_loss), frozenset(nan_grad), spike, kill, rank_kill, rank_stop)
 
 
 def active() -> Faults | None:

@@ -8,7 +8,7 @@ DDP vs one process 2.4e-7 (one fp32 ulp at 3.8); FSDP2 vs DDP 6.0e-8; resumed 2 
 process) and 1 -> 2 (a plain process, then FSDP2), 3 steps each side, vs the uninterrupted one-process
 run: 2.4e-7 and 2.4e-7.
 
-The multi-process tests carry the ``dist`` marker (``pytest -m dist``): about 50 s in the default run
+The multi-process tests carry the ``dist`` marker (``pytest -m dist``): about 65 s in the default run
 on 2 cores; the hang test (~45 s, most of it torchrun's own 30 s grace period) is also ``slow``.
 """
 
@@ -180,3 +180,22 @@ def test_rank_kill_fault_parses():
     f = _parse("rank_kill@1:3")
     assert f.rank_kill == (1, 3)
     assert f.poison(torch.tensor(2.0), 3).item() == 2.0  # RANK unset is rank 0: not this process
+
+
+@pytest.mark.dist
+def test_fsdp_skips_and_rewinds_like_one_process(setup):
+    """NaN losses at micro-batches 7-9 (the fault hook): three skips, then a rewind to step 6 (the
+    checkpoint is DCP under FSDP), on both ranks in step; events and losses equal one process's."""
+    root = setup[0]
+    env = {"WEIGHTSMITH_TEST_FAULTS": "nan_loss@7-9"}
+    args = ["--train.max_steps=8", "--train.grad_accum=1"]
+    assert run(setup, "rw1", *args, env=env).returncode == 0
+    proc = run(setup, "rw2", *args, "--train.parallel=fsdp", nproc=2, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = [json.loads(x) for x in (root / "rw2" / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["skip"] * 3 + ["rewind"]
+    assert events[3]["checkpoint"] == "step_000006"
+    assert (root / "rw1" / "events.jsonl").read_text() == (root / "rw2" / "events.jsonl").read_text()
+    a, b = losses(root / "rw1"), losses(root / "rw2")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert max(abs(a[k] - b[k]) for k in a) < TOL

@@ -192,6 +192,13 @@ class Dist:
             self._ddp = DistributedDataParallel(model, device_ids=ids)
         return self._ddp
 
+    def sync_gradients(self, step_fn: nn.Module, sync: bool) -> None:
+        """Under DDP, all-reduce gradients in the next backward only if ``sync`` (the last micro-batch of a
+        step), as ``DistributedDataParallel.no_sync`` does for the others; nothing otherwise (FSDP2
+        reduce-scatters every micro-batch, which keeps its gradients sharded)."""
+        if self._ddp is not None:
+            self._ddp.require_backward_grad_sync = sync
+
     @staticmethod
     def full_tensor(x: torch.Tensor) -> torch.Tensor:
         """A DTensor (FSDP2's gradient norm) as a plain tensor; other tensors unchanged."""

@@ -347,9 +347,10 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
                        schedule=tc.schedule, decay_fraction=tc.decay_fraction, progress=progress)
             set_lr(optimizer, lr)  # each group: lr x its lr_scale (Muon's groups have their own base lr)
             loss_sum, parts_sum = 0.0, {}
-            for _ in range(tc.grad_accum):
+            for micro in range(tc.grad_accum):
                 full_batch = batches.next()  # every rank draws the same micro-batch and keeps its own rows
                 batch = dist.shard(full_batch)
+                dist.sync_gradients(step_fn, micro == tc.grad_accum - 1)  # DDP: one all-reduce per step
                 with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype,
                                     enabled=autocast_dtype is not None):
                     loss, parts = task.loss(step_fn, batch)

@@ -199,3 +199,13 @@ def test_fsdp_skips_and_rewinds_like_one_process(setup):
     a, b = losses(root / "rw1"), losses(root / "rw2")
     assert sorted(a) == sorted(b) == list(range(1, 9))
     assert max(abs(a[k] - b[k]) for k in a) < TOL
+
+
+def test_fsdp_refuses_a_task_that_keeps_an_ema_of_the_weights():
+    from weightsmith.tasks import get_task
+
+    d = distributed.Dist(mode="fsdp", rank=0, world=2)
+    with pytest.raises(ConfigError, match="train.parallel='fsdp' does not support yet; use train.parallel='ddp'"):
+        d.check_task(get_task("ddpm").for_contract_tests())
+    d.check_task(get_task("causal-lm").for_contract_tests())  # no after_step: fine
+    distributed.Dist(mode="ddp", rank=0, world=2).check_task(get_task("ddpm").for_contract_tests())

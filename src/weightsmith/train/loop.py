@@ -217,6 +217,7 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
     dist = distributed.setup(tc)  # torchrun: DDP / FSDP2 (weightsmith.train.distributed); else one process
     device = dist.device
     task = recipe.task_cls(recipe.task, recipe.data, tc, recipe.sample)
+    dist.check_task(task)
     dist.main_first(lambda: task.setup(run_dir, resume=resume, log=log))  # rank 0 fills the data cache first
     model_cfg = recipe.model_config(task.model_fields())
     task.check_model(model_cfg)

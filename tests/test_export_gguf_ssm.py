@@ -12,13 +12,14 @@ Runs are tiny and trained a few AdamW steps (so the logits are not flat), with d
 
 - ``mamba2_byte``: byte tokenizer, d_model 40, 5 heads of 16, d_state 7, d_conv 3, one group, tied;
 - ``mamba2_bpe``: BPE (300 ids), d_model 64, 4 heads of 32, 2 groups, d_state 5, d_conv 4, no conv
-  bias (llama.cpp gets zeros), untied; rows of 64 and 128 so q8_0/q4_0 quantize ``ssm_in``/``ssm_out``.
+  bias (llama.cpp gets zeros), untied; rows of 64 and 128 so q8_0/q4_0 quantize ``ssm_in``/``ssm_out``;
+- ``mamba_byte`` (Mamba-1): byte tokenizer, d_model 40, d_inner 80, d_state 7, d_conv 3, dt_rank 5, tied;
+- ``mamba_bpe`` (Mamba-1): BPE, d_model 64, d_state 5, d_conv 4, dt_rank 4, no conv bias, untied.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import numpy as np
 import pytest
@@ -36,13 +37,18 @@ from weightsmith.train.checkpoint import load_run, save_checkpoint
 
 pytest.importorskip("gguf")
 
-HAVE_MAMBA1 = importlib.util.find_spec("weightsmith.models.mamba") is not None
 RUNS = {
     "mamba2_byte": ("mamba2", "byte", dict(d_model=40, n_layers=2, d_state=7, d_conv=3, d_head=16, chunk_size=8,
                                            max_seq_len=64)),
     "mamba2_bpe": ("mamba2", "bpe", dict(d_model=64, n_layers=2, d_state=5, d_conv=4, d_head=32, n_groups=2,
                                          chunk_size=16, max_seq_len=64, conv_bias=False, tie_embeddings=False)),
+    "mamba_byte": ("mamba", "byte", dict(d_model=40, n_layers=2, d_state=7, d_conv=3, dt_rank=5, chunk_size=8,
+                                         max_seq_len=64)),
+    "mamba_bpe": ("mamba", "bpe", dict(d_model=64, n_layers=2, d_state=5, d_conv=4, chunk_size=16, max_seq_len=64,
+                                       conv_bias=False, tie_embeddings=False)),
 }
+MAMBA2 = [n for n in RUNS if n.startswith("mamba2")]
+MAMBA1 = [n for n in RUNS if not n.startswith("mamba2")]
 PROMPT = "KING. The lord "
 
 
@@ -127,7 +133,57 @@ def _expected(sd, cfg, i):
 # default tier: read back
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+def _expected_mamba1(sd, cfg, i):
+    m = f"blocks.{i}.mixer."
+    return {
+        "attn_norm.weight": sd[f"blocks.{i}.norm.weight"],
+        "ssm_in.weight": sd[m + "in_proj.weight"],
+        "ssm_conv1d.weight": sd[m + "conv1d.weight"].reshape(cfg.d_inner, cfg.d_conv),
+        "ssm_conv1d.bias": sd.get(m + "conv1d.bias", torch.zeros(cfg.d_inner)),
+        "ssm_x.weight": sd[m + "x_proj.weight"],
+        "ssm_dt.weight": sd[m + "dt_proj.weight"],
+        "ssm_dt.bias": sd[m + "dt_proj.bias"],
+        "ssm_a": -torch.exp(sd[m + "A_log"]),
+        "ssm_d": sd[m + "D"],
+        "ssm_out.weight": sd[m + "out_proj.weight"],
+    }
+
+
+@pytest.mark.parametrize("name", MAMBA1)
+def test_mamba_gguf_readback(name, runs, exports):
+    run = load_run(runs[name])
+    cfg, sd = run.model.config, run.model.state_dict()
+    fields, tensors = _read(exports(name) / "model.gguf")
+    assert fields["general.architecture"] == "mamba"
+    want = {"vocab_size": cfg.vocab_size, "context_length": 2 ** 20, "embedding_length": cfg.d_model,
+            "block_count": cfg.n_layers, "feed_forward_length": 0, "attention.head_count": 0,
+            "ssm.conv_kernel": cfg.d_conv, "ssm.inner_size": cfg.d_inner, "ssm.state_size": cfg.d_state,
+            "ssm.time_step_rank": cfg.dt_rank, "ssm.dt_b_c_rms": False}
+    assert {k: fields[f"mamba.{k}"] for k in want} == want
+    assert fields["mamba.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg.norm_eps)
+    expected = {"token_embd.weight": sd["tok_emb.weight"], "output_norm.weight": sd["final_norm.weight"]}
+    if not cfg.tie_embeddings:
+        expected["output.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.n_layers):
+        expected |= {f"blk.{i}.{k}": v for k, v in _expected_mamba1(sd, cfg, i).items()}
+    assert sorted(tensors) == sorted(expected)
+    for k, v in expected.items():
+        qtype, got = tensors[k]
+        assert qtype == "F32", k
+        assert got.shape == v.shape, k
+        torch.testing.assert_close(got, v, rtol=0, atol=0, msg=k)
+    assert (tensors["blk.0.ssm_a"][1] < 0).all()
+
+
+def test_mamba_expand_other_than_2_is_refused(tmp_path):
+    run = make_run(tmp_path, "wide", "abc " * 200, "mamba", "byte", steps=0, d_model=16, n_layers=1,
+                   d_state=4, expand=3, chunk_size=8, max_seq_len=16)
+    with pytest.raises(ConfigError, match=r"^model\.expand=3 cannot be exported to GGUF"):
+        export_run(run, "gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", MAMBA2)
 def test_mamba2_gguf_readback(name, runs, exports):
     run = load_run(runs[name])
     cfg, sd = run.model.config, run.model.state_dict()

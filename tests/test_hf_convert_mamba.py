@@ -11,7 +11,6 @@ import json
 import pytest
 import torch
 
-import weightsmith.models.mamba  # noqa: F401 (registers the family until models/__init__ imports it)
 from weightsmith.errors import ConfigError
 from weightsmith.registry import create_model, resolve
 

@@ -274,6 +274,7 @@ def _with_layer(row: Row) -> Row:
     return row
 
 
+from weightsmith.analysis.components_mamba import mamba_rows  # noqa: E402 (imports the helpers)
 from weightsmith.analysis.components_mamba2 import hybrid_rows, mamba2_rows  # noqa: E402 (imports the helpers)
 from weightsmith.analysis.components_rnn import rnn_rows  # noqa: E402 (it imports the helpers above)
 from weightsmith.analysis.components_unet import unet_rows, vae_rows  # noqa: E402 (uses Row)
@@ -283,7 +284,7 @@ from weightsmith.analysis.components_vit import vit_rows  # noqa: E402 (it impor
 _BUILDERS = {"gpt": gpt_rows, "bert": bert_rows, "bert-mlm": bert_mlm_rows, "t5": t5_rows, "vit": vit_rows,
              "mlp": mlp_rows, "resnet": resnet_rows, "convnext": convnext_rows,
              "lstm": rnn_rows, "gru": rnn_rows,
-             "mamba2": mamba2_rows, "hybrid": hybrid_rows,
+             "mamba": mamba_rows, "mamba2": mamba2_rows, "hybrid": hybrid_rows,
              "unet": unet_rows, "vae": vae_rows}
 
 

@@ -55,7 +55,7 @@ GPT_SUPPORTED: dict[str, dict[str, tuple[str, ...]]] = {
 }
 _FORMAT_NAMES = {"hf": "Hugging Face", "gguf": "GGUF", "onnx": "ONNX"}
 # the language-model families each format can express (other formats: gpt only)
-EXPORT_FAMILIES: dict[str, tuple[str, ...]] = {"gguf": ("gpt", "mamba2", "mamba")}
+EXPORT_FAMILIES: dict[str, tuple[str, ...]] = {"gguf": ("gpt", "mamba2", "mamba"), "hf": ("gpt", "mamba2", "mamba")}
 
 
 def check_gpt_options(cfg: object, fmt: str) -> None:

@@ -4,8 +4,9 @@
 do vLLM (``vllm serve DIR``) and TGI (``--model-id DIR``); see ``docs/serving.md``. Files (HF docs,
 "Models" / "Tokenizers" / "safetensors"):
 
-    config.json             from weightsmith.ship.hf_convert.ours_to_hf: LlamaForCausalLM or
-                            GPT2LMHeadModel, plus ``dtype`` (and the legacy ``torch_dtype`` and
+    config.json             from weightsmith.ship.hf_convert.ours_to_hf: LlamaForCausalLM,
+                            MixtralForCausalLM, GPT2LMHeadModel, MambaForCausalLM or
+                            Mamba2ForCausalLM, plus ``dtype`` (and the legacy ``torch_dtype`` and
                             top-level ``rope_theta`` that transformers 4.x reads)
     model.safetensors       HF parameter names, tied embeddings stored once
     tokenizer.json          a Hugging Face ``tokenizers`` file that gives the same ids as ours
@@ -74,7 +75,7 @@ def export_hf(model: torch.nn.Module, tokenizer: Any, out_dir: Path, dtype: str 
     """Write config.json, model.safetensors and tokenizer files for ``transformers``.
 
     Args:
-        model: a ``gpt``-family model.
+        model: a ``gpt``-, ``mamba``- or ``mamba2``-family model.
         dtype: ``f32``, ``f16`` or ``bf16``; the weights are cast and ``config.json``'s ``dtype`` says so.
 
     Raises:

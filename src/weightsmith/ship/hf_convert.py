@@ -407,10 +407,12 @@ _GPT2_STYLE = {"norm": "layernorm", "mlp": "gelu", "pos": "learned"}
 
 
 def ours_to_hf(cfg: Any, state_dict: StateDict) -> tuple[dict[str, Any], StateDict, str]:
-    """Export a ``gpt``-family model to a stock HF architecture.
+    """Export a ``gpt``-family model to a stock HF architecture (``mamba`` and ``mamba2`` models go to
+    ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` through :mod:`weightsmith.ship.hf_convert_mamba` and
+    :mod:`weightsmith.ship.hf_convert_mamba2`).
 
     Args:
-        cfg: a :class:`~weightsmith.models.gpt.GPTConfig`.
+        cfg: a :class:`~weightsmith.models.gpt.GPTConfig` (or a Mamba/Mamba-2 config).
         state_dict: our state dict (``model.state_dict()``); with tied embeddings ``lm_head.weight`` may be
             absent.
 
@@ -426,9 +428,19 @@ def ours_to_hf(cfg: Any, state_dict: StateDict) -> tuple[dict[str, Any], StateDi
             (LayerNorm, tanh GELU, learned positions, no GQA, no experts) can express.
     """
     from weightsmith.models.gpt import GPTConfig
+    from weightsmith.models.mamba import MambaConfig
+    from weightsmith.models.mamba2 import Mamba2Config
 
+    if isinstance(cfg, MambaConfig):
+        from weightsmith.ship.hf_convert_mamba import mamba_from_ours
+
+        return (*mamba_from_ours(cfg, state_dict), "MambaForCausalLM")
+    if isinstance(cfg, Mamba2Config):
+        from weightsmith.ship.hf_convert_mamba2 import mamba2_from_ours
+
+        return (*mamba2_from_ours(cfg, state_dict), "Mamba2ForCausalLM")
     if not isinstance(cfg, GPTConfig):
-        raise ConfigError(f"ours_to_hf exports the gpt family only, got {type(cfg).__name__}")
+        raise ConfigError(f"ours_to_hf exports the gpt, mamba and mamba2 families only, got {type(cfg).__name__}")
     from weightsmith.ship.export import check_gpt_options
 
     check_gpt_options(cfg, "hf")  # ALiBi, sinusoidal, NoPE, DyT, no norm, RoPE scaling: no stock equivalent

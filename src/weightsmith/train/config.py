@@ -21,8 +21,8 @@ class TrainConfig:
     ``activation_checkpointing`` recomputes every block in the backward pass instead of storing its
     activations (weightsmith.train.activation_checkpointing). ``log_grad_norms`` adds, to every logged
     step, the L2 norm of the gradient per layer (``grad_norm``: {group: norm}, before clipping; a group is
-    a parameter name cut after its first numeric part, ``blocks.3``, or its first part, ``tok_emb``) and
-    over all parameters (``grad_norm_total``)."""
+    a parameter name cut after its first numeric part, ``blocks.3``, or its first part, ``tok_emb``); the
+    norm over all parameters (``grad_norm_total``, before clipping) is in every logged row."""
 
     seed: int = 1337
     device: str = "cpu"
@@ -88,6 +88,9 @@ class TrainConfig:
     dist_timeout: float = field(default=600.0, metadata={"doc": (
         "seconds a rank waits in a collective for the others before failing (the process group's "
         "timeout), so a run whose rank died stops instead of hanging")})
+    tensorboard: bool = field(default=False, metadata={"doc": (
+        "also write the metrics.jsonl numbers (and eval.json's) as TensorBoard scalars into RUN/tb/ "
+        "(weightsmith.train.tb; rank 0 only; needs `pip install 'weightsmith[tb]'`)")})
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "ckpt_every",

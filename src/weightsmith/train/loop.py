@@ -8,11 +8,12 @@ step budget on CPU a run killed after a checkpoint and resumed logs bit-identica
 
 metrics.jsonl rows, one per ``log_every`` steps: ``step``; ``loss`` (the task's loss, mean over the
 step's micro-batches: nats per token for language models, per image for classifiers); the task's
-named loss parts; ``lr`` (the rate used for that step); the running total of the task's unit
+named loss parts; ``lr`` (the rate used for that step); ``grad_norm_total`` (the L2 norm of the step's
+gradient over all parameters, before clipping); the running total of the task's unit
 (``tokens`` or ``images``, B x T x grad_accum or B x grad_accum per step); its rate over the last
 logging interval (``tok_per_s`` or ``img_per_s``); ``elapsed_s``. Every ``eval_every`` steps the task
 adds one validation row: ``step`` plus its quick-eval fields (``val_loss_partial``, ``val_tokens`` for
-language models).
+language models). With ``train.tensorboard`` the same rows also go to TensorBoard (weightsmith.train.tb).
 
 The optimizer is ``train.optimizer`` from weightsmith.train.optim (each parameter group follows the
 schedule from its own base lr). Before each update, weightsmith.train.stability skips a step whose loss
@@ -298,6 +299,11 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
     aux_modules = [m for m in model.modules() if hasattr(m, "aux_loss")]
 
     metrics = open(metrics_path, "a")
+    tb = None  # optional TensorBoard mirror of metrics.jsonl (weightsmith.train.tb), rank 0 only
+    if tc.tensorboard and dist.is_main:
+        from weightsmith.train.tb import TensorBoardLog
+
+        tb = TensorBoardLog(run_dir, purge_step=step + 1 if resume else None)
 
     def checkpoint() -> None:
         metrics.flush()
@@ -321,6 +327,8 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
         kept = _read_metrics(metrics_path, up_to_step=step)
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         metrics = open(metrics_path, "a")
+        if tb is not None:
+            tb.restart(step)
         t_last, seen_last = time.perf_counter(), seen
         bar.n = step
         checkpoint()  # re-saved with the new data position, so a resume does not replay the window
@@ -390,11 +398,14 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
                 rate = (seen - seen_last) / max(now - t_last, 1e-9)
                 run_s = elapsed_before + now - t_start
                 row = {"step": step, "loss": loss_val, **{k: v / tc.grad_accum for k, v in parts_sum.items()},
-                       "lr": lr, task.unit: seen, task.rate_key: rate, "elapsed_s": run_s}
+                       "lr": lr, "grad_norm_total": float(grad_norm), task.unit: seen, task.rate_key: rate,
+                       "elapsed_s": run_s}
                 if norms is not None:
                     row["grad_norm"], row["grad_norm_total"] = norms
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
+                if tb is not None:
+                    tb.add(row, "train")
                 t_last, seen_last = now, seen
                 bar.set_postfix(loss=f"{loss_val:.4f}", **{task.rate_key: f"{rate:,.0f}"})
                 if plain:
@@ -411,6 +422,8 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
                 if result:
                     metrics.write(json.dumps({"step": step, **result}) + "\n")
                     metrics.flush()
+                    if tb is not None:
+                        tb.add({"step": step, **result}, "val")
                     bar.write(f"step {step}: loss {loss_val:.4f}, {task.describe_eval(result)}, lr {lr:.2e}")
             if step % tc.ckpt_every == 0 and step < tc.max_steps:
                 checkpoint()
@@ -419,6 +432,8 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
         if step > start_step or not list_checkpoints(run_dir):
             checkpoint()
         metrics.close()
+    if tb is not None and stop_reason in ("SIGINT", "SIGTERM"):
+        tb.close()
     if stop_reason in ("SIGINT", "SIGTERM"):
         raise TrainingInterrupted(
             f"{stop_reason} at step {step}: checkpoint written; continue with "
@@ -430,6 +445,9 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
     if final is None:
         return run_dir
     summary = task.finish(final, run_dir, device=device, autocast_dtype=autocast_dtype, log=log)
+    if tb is not None:
+        tb.add({"step": step, **summary}, "eval")
+        tb.close()
     if step > start_step and dist.world > 1:
         log("MFU skipped: not measured for a distributed run yet (the rate is global, the peak per process)")
     elif step > start_step:

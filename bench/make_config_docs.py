@@ -5,7 +5,7 @@
 
 One table (key, type, default, description) per recipe section: ``[task]`` and ``[data]`` of every
 registered task (weightsmith.tasks), ``[model]`` of every registered family (weightsmith.registry),
-``[train]`` and ``[sample]`` (weightsmith.train.config). Only the text between the BEGIN and END
+``[train]`` and ``[sample]`` (weightsmith.train.config), ``[adapter]`` (weightsmith.recipe). Only the text between the BEGIN and END
 markers is rewritten; the prose around it is hand-written. tests/test_docs.py compares it with a fresh
 rendering.
 
@@ -188,6 +188,9 @@ def render() -> str:
         out += table(family.config_cls)
     out += ["## `[train]`", ""] + table(TrainConfig)
     out += ["## `[sample]`", ""] + table(SampleConfig)
+    from weightsmith.recipe import AdapterConfig
+
+    out += ["## `[adapter]`", ""] + table(AdapterConfig)
     while out and out[-1] == "":
         out.pop()
     return "\n".join(out) + "\n"

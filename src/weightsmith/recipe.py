@@ -9,6 +9,8 @@
                  them out.
     [train]   -> weightsmith.train.config.TrainConfig
     [sample]  -> weightsmith.train.config.SampleConfig (the sample printed after training)
+    [adapter] -> :class:`AdapterConfig`: LoRA / DoRA / QLoRA adapters applied to the built model from
+                 outside (weightsmith.adapters); absent: every parameter is trained
 
 Unknown tables or keys raise ConfigError with the valid names.
 """
@@ -16,14 +18,52 @@ Unknown tables or keys raise ConfigError with the valid names.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from weightsmith.config import apply_overrides, from_dict, load_toml, to_dict
 from weightsmith.errors import ConfigError
 
-SECTIONS = ("task", "data", "model", "train", "sample", "quantization")  # quantization: set by `weightsmith quantize`
+# quantization: set by `weightsmith quantize`
+SECTIONS = ("task", "data", "model", "train", "sample", "adapter", "quantization")
+
+
+ADAPTER_METHODS = ("lora", "dora", "qlora")
+
+
+@dataclass(kw_only=True)
+class AdapterConfig:
+    """``[adapter]`` section: low-rank adapters on a frozen base (weightsmith.adapters). The base's
+    parameters get no gradient and no optimizer state; only the adapters train, and checkpoints hold
+    base and adapters so a resume is exact. ``weightsmith export`` merges them into the weights first."""
+
+    method: Literal["lora", "dora", "qlora"] = field(default="lora", metadata={"doc": (
+        "`lora` (Hu et al. 2021: W x + (alpha / rank) B A dropout(x)); `dora` (Liu et al. 2024: a "
+        "per-output-row magnitude times the direction (W + s B A) / ||W + s B A||); `qlora` (Dettmers "
+        "et al. 2023: LoRA on a frozen NF4 base, block size 64, double quantization; adapters in fp32)")})
+    rank: int = field(default=8, metadata={"doc": "r, the inner dimension of B A, >= 1"})
+    alpha: float = field(default=16.0, metadata={"doc": "α; the adapter output is scaled by alpha / rank (> 0)"})
+    dropout: float = field(default=0.0, metadata={"doc": "dropout probability on the adapter's input, in [0, 1)"})
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={"doc": (
+        "patterns of the linear layers to adapt, matched against module names (`blocks.0.attn.q_proj`) "
+        "as a suffix after a dot or the whole name, with shell wildcards: `q_proj`, `attn.*`, "
+        "`blocks.1.mlp.*`, `*` (every linear). A pattern that matches no linear is an error")})
+    quantize_frozen: bool = field(default=True, metadata={"doc": (
+        "`qlora` only: also store every other linear in the blocks (frozen) as NF4, not only the adapted ones")})
+
+    def __post_init__(self) -> None:
+        if self.method not in ADAPTER_METHODS:
+            raise ConfigError(f"adapter.method = {self.method!r} is not allowed; choose one of {list(ADAPTER_METHODS)}")
+        if self.rank < 1:
+            raise ConfigError(f"adapter.rank must be >= 1, got {self.rank}")
+        if not self.alpha > 0:
+            raise ConfigError(f"adapter.alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules or not all(isinstance(p, str) and p for p in self.target_modules):
+            raise ConfigError(f"adapter.target_modules must be a non-empty list of name patterns, "
+                              f"got {self.target_modules!r}")
 
 
 @dataclass
@@ -36,6 +76,7 @@ class Recipe:
     model: dict[str, Any]  # raw model fields; built into the family's config once the data is known
     train: Any
     sample: Any
+    adapter: AdapterConfig | None = None  # [adapter]: LoRA / DoRA / QLoRA; None trains every parameter
 
     @property
     def task_cls(self) -> type:
@@ -56,8 +97,11 @@ class Recipe:
     def to_tree(self, model_cfg: Any | None = None) -> dict[str, Any]:
         """The resolved config as a nested dict (what ``config.toml`` holds)."""
         model = {"family": self.family, **(to_dict(model_cfg) if model_cfg is not None else self.model)}
-        return {"task": {"name": self.task_name, **to_dict(self.task)}, "data": to_dict(self.data),
+        tree = {"task": {"name": self.task_name, **to_dict(self.task)}, "data": to_dict(self.data),
                 "model": model, "train": to_dict(self.train), "sample": to_dict(self.sample)}
+        if self.adapter is not None:
+            tree["adapter"] = to_dict(self.adapter)
+        return tree
 
 
 def recipe_from_tree(tree: dict[str, Any], name: str = "run") -> Recipe:
@@ -89,6 +133,7 @@ def recipe_from_tree(tree: dict[str, Any], name: str = "run") -> Recipe:
         model=model,
         train=from_dict(TrainConfig, tree.get("train", {}), "train"),
         sample=from_dict(SampleConfig, tree.get("sample", {}), "sample"),
+        adapter=from_dict(AdapterConfig, tree["adapter"], "adapter") if "adapter" in tree else None,
     )
     # validate the model section now (unknown keys, impossible shapes), with stand-ins for data fields
     recipe.model_config(task_cls.placeholder_fields(recipe.data))

@@ -1,0 +1,334 @@
+"""Adapters as a pass over a built model: LoRA, DoRA and QLoRA from the recipe's ``[adapter]`` section.
+
+:func:`apply_adapters` wraps every linear layer whose name matches ``target_modules`` in a
+:class:`~weightsmith.models.layers.lora.LoRALinear` (``lora``, Hu et al. 2021; ``qlora`` on an NF4
+base, Dettmers et al. 2023) or :class:`~weightsmith.models.layers.lora.DoRALinear` (``dora``, Liu et
+al. 2024), and freezes everything else: only ``lora_A``, ``lora_B`` (and DoRA's ``magnitude``) keep
+``requires_grad``. The model's own code is untouched; the pass is recorded as ``[adapter]`` in the
+run's ``config.toml`` and re-applied when the run is opened (weightsmith.runs.apply_run_passes), so a
+checkpoint's state dict (base and adapters: ``blocks.0.attn.q_proj.base.weight``,
+``blocks.0.attn.q_proj.lora_A`` ...) loads into it.
+
+Patterns: a name matches ``p`` when ``fnmatch(name, p)`` or ``fnmatch(name, "*." + p)`` (case
+sensitive), so ``q_proj`` is every attention query, ``blocks.1.*`` every linear of block 1.
+
+:func:`merge_adapters` folds the adapters into plain ``nn.Linear`` weights (dequantizing an NF4 base),
+what export and quantization take. :func:`save_peft` / :func:`load_peft` write and read the peft format
+(``adapter_config.json`` + ``adapter_model.safetensors``) for the matching transformers model; the HF
+module names come from weightsmith.ship.hf_convert_peft.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from weightsmith.errors import CheckpointError, ConfigError
+from weightsmith.models.layers.lora import DoRALinear, LoRALinear, base_weight
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PARAMS = ("lora_A", "lora_B", "magnitude")
+
+
+def matches(name: str, patterns: list[str]) -> bool:
+    """Whether module ``name`` matches one of ``patterns`` (whole name or dotted suffix, shell wildcards)."""
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
+
+
+def _is_linear(m: nn.Module) -> bool:
+    if isinstance(m, LoRALinear):
+        return False
+    return isinstance(m, nn.Linear) or type(m).__name__ == "NF4Linear"
+
+
+def target_linears(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of the linear layers of ``model`` that ``patterns`` select, in module order.
+
+    Raises:
+        ConfigError: a pattern selects no linear layer (the message lists some that exist), or a
+            selected layer's weight is tied to another module (a tied ``lm_head``).
+    """
+    linears = [n for n, m in model.named_modules() if _is_linear(m)]
+    for p in patterns:
+        if not any(matches(n, [p]) for n in linears):
+            examples = ", ".join(sorted({n.split(".")[-1] for n in linears})) or "none"
+            raise ConfigError(f"adapter.target_modules pattern {p!r} matches no linear layer; linear names "
+                              f"end in: {examples} (e.g. {linears[0] if linears else '-'})")
+    chosen = [n for n in linears if matches(n, patterns)]
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    for n in chosen:
+        w = getattr(model.get_submodule(n), "weight", None)
+        if isinstance(w, nn.Parameter) and owners.get(id(w), 0) > 1:
+            raise ConfigError(f"adapter.target_modules selects {n}, whose weight is tied to another module "
+                              "(tie_embeddings); leave it out of the patterns")
+    return chosen
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _nf4_class():
+    try:
+        from weightsmith.models.layers.nf4 import NF4Linear
+    except ImportError:
+        raise ConfigError("adapter.method = 'qlora' needs weightsmith.models.layers.nf4 (NF4Linear), which "
+                          "this installation lacks; use 'lora' or 'dora'") from None
+    return NF4Linear
+
+
+def apply_adapters(model: nn.Module, cfg: Any) -> nn.Module:
+    """Wrap the linears ``cfg.target_modules`` selects and freeze the rest, in place; returns ``model``.
+
+    Args:
+        cfg: a :class:`weightsmith.recipe.AdapterConfig` (``method``, ``rank``, ``alpha``, ``dropout``,
+            ``target_modules``, ``quantize_frozen``). ``qlora`` first replaces each target (and with
+            ``quantize_frozen`` every other linear under ``model.blocks``) by ``NF4Linear.from_linear``.
+
+    Adapter weights are float32 on the base's device; B starts at zero, so the model's outputs are
+    unchanged by the pass (exactly, for ``lora`` and ``dora``; up to NF4 rounding for ``qlora``).
+
+    Raises:
+        ConfigError: see :func:`target_linears`; a model that already has adapters.
+    """
+    if adapter_modules(model):
+        raise ConfigError("the model already has adapters; apply [adapter] once")
+    targets = target_linears(model, list(cfg.target_modules))
+    if cfg.method == "qlora":
+        nf4 = _nf4_class()
+        frozen = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")]
+        for n in dict.fromkeys(targets + (frozen if cfg.quantize_frozen else [])):
+            lin = model.get_submodule(n)
+            if isinstance(lin, nn.Linear):
+                _set_module(model, n, nf4.from_linear(lin))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in targets:
+        cls = DoRALinear if cfg.method == "dora" else LoRALinear
+        _set_module(model, n, cls(model.get_submodule(n), rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout))
+    return model
+
+
+def adapter_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """(name, module) of every LoRA / DoRA layer in ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Elements of the parameters with ``requires_grad`` (shared ones once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: tensor} of the adapter parameters only (``...q_proj.lora_A`` ...), detached."""
+    return {n: p.detach() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in ADAPTER_PARAMS}
+
+
+def merge(model: nn.Module) -> None:
+    """Fold every adapter into its base weight in place (the wrappers stay; :func:`unmerge` undoes it)."""
+    for _, m in adapter_modules(model):
+        m.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo :func:`merge`."""
+    for _, m in adapter_modules(model):
+        m.unmerge()
+
+
+def _dense_linear(base: nn.Module) -> nn.Linear:
+    """``base`` as an ``nn.Linear`` (a quantized base is dequantized: its rounding error stays)."""
+    if isinstance(base, nn.Linear):
+        return base
+    w = base_weight(base).detach()
+    lin = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if base.bias is not None:
+            lin.bias.copy_(base.bias)
+    return lin
+
+
+@torch.no_grad()
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Replace every adapter layer by a plain ``nn.Linear`` with the merged weight (and every NF4 base
+    by its dequantized ``nn.Linear``), in place; all parameters trainable again. Returns ``model``,
+    which then has the state-dict keys of the unadapted model, for export and quantization."""
+    for name, m in adapter_modules(model):
+        lin = _dense_linear(m.base)
+        if lin is not m.base:
+            m.base = lin
+        m.merge()
+        _set_module(model, name, lin)
+    for name, m in list(model.named_modules()):
+        if type(m).__name__ == "NF4Linear":
+            _set_module(model, name, _dense_linear(m))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ peft format
+
+
+def save_peft(model: nn.Module, model_cfg: Any, out_dir: str | Path, *, dropout: float = 0.0) -> Path:
+    """Write ``model``'s adapters as a peft LoRA adapter for the transformers model that
+    weightsmith.ship.hf_convert.ours_to_hf makes of ``model_cfg``: ``out_dir/adapter_config.json`` and
+    ``out_dir/adapter_model.safetensors`` (float32). ``PeftModel.from_pretrained(hf_model, out_dir)``
+    then computes our logits. GPT-2's fused ``c_attn`` is handled as weightsmith.ship.hf_convert_peft
+    describes.
+
+    Raises:
+        ConfigError: no adapters, or an adapted layer or model that peft's transformers model cannot hold.
+    """
+    from safetensors.torch import save_file
+
+    from weightsmith.ship.hf_convert_peft import PEFT_PREFIX, fan_in_fan_out, hf_module_rows, peft_targets
+
+    mods = adapter_modules(model)
+    if not mods:
+        raise ConfigError("the model has no adapters to save")
+    arch, targets = peft_targets(model_cfg)
+    rows = hf_module_rows(model_cfg)
+    inverse: dict[str, list[str]] = {}
+    for ours, (hf, _, _) in targets.items():
+        inverse.setdefault(hf, []).append(ours)
+    groups: dict[str, list[tuple[str, LoRALinear]]] = {}
+    for name, m in mods:
+        if name not in targets:
+            raise ConfigError(f"{name} has no counterpart in {arch}; peft cannot hold its adapter")
+        groups.setdefault(targets[name][0], []).append((name, m))
+    dora = isinstance(mods[0][1], DoRALinear)
+    if any(isinstance(m, DoRALinear) != dora for _, m in mods):
+        raise ConfigError("a peft adapter is all LoRA or all DoRA; this model mixes them")
+    r0, a0 = mods[0][1].rank, mods[0][1].alpha
+    tensors: dict[str, torch.Tensor] = {}
+    rank_pattern, alpha_pattern = {}, {}
+    for hf, parts in groups.items():
+        if len({(m.rank, m.alpha) for _, m in parts}) > 1:
+            raise ConfigError(f"the adapters fused into {hf} have different rank/alpha; peft needs one")
+        r, alpha, n = parts[0][1].rank, parts[0][1].alpha, len(parts)
+        A = torch.cat([m.lora_A.detach().float() for _, m in parts])  # (n r, in)
+        B = torch.zeros(rows[hf], n * r)
+        mag = None
+        if dora:  # rows without an adapter keep their own norm (g = 1)
+            mag = torch.empty(rows[hf])
+            for ours in inverse[hf]:
+                _, start, stop = targets[ours]
+                w = base_weight(_unwrap(model.get_submodule(ours))).detach().float()
+                mag[start:stop] = torch.linalg.norm(w, dim=1)
+        for j, (name, m) in enumerate(parts):
+            _, start, stop = targets[name]
+            B[start:stop, j * r:(j + 1) * r] = m.lora_B.detach().float()
+            if dora:
+                mag[start:stop] = m.magnitude.detach().float()
+        key = PEFT_PREFIX + hf
+        tensors[f"{key}.lora_A.weight"] = A.contiguous()
+        tensors[f"{key}.lora_B.weight"] = B.contiguous()
+        if dora:
+            tensors[f"{key}.lora_magnitude_vector"] = mag.contiguous()
+        if (n * r, n * alpha) != (r0, a0):
+            rank_pattern[hf], alpha_pattern[hf] = n * r, n * alpha
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+              "r": r0, "lora_alpha": a0, "lora_dropout": dropout, "target_modules": sorted(groups),
+              "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_dora": dora,
+              "use_rslora": False, "fan_in_fan_out": fan_in_fan_out(arch), "bias": "none",
+              "init_lora_weights": True, "modules_to_save": None,
+              "auto_mapping": {"base_model_class": arch}}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    return m.base if isinstance(m, LoRALinear) else m
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """peft's rank_pattern / alpha_pattern lookup: the first key that matches the end of the name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def load_peft(model: nn.Module, model_cfg: Any, adapter_dir: str | Path) -> list[str]:
+    """Wrap ``model`` (unadapted, built from ``model_cfg``) with the peft LoRA/DoRA adapter in
+    ``adapter_dir`` and freeze its base, in place; returns the names of our adapted layers.
+
+    A peft adapter on GPT-2's fused ``c_attn`` becomes one on each of q, k, v with the same A and B's
+    rows of that part (exact, see weightsmith.ship.hf_convert_peft).
+
+    Raises:
+        CheckpointError: a missing or unreadable file, a key that names no module of the matching
+            transformers model. ConfigError: peft options we do not implement (rsLoRA, LoRA biases,
+            ``modules_to_save``, other peft types).
+    """
+    from safetensors.torch import load_file
+
+    from weightsmith.ship.hf_convert_peft import PEFT_PREFIX, peft_targets
+
+    d = Path(adapter_dir)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (d / name).is_file():
+            raise CheckpointError(f"{d / name} is missing; a peft adapter directory has {ADAPTER_CONFIG} and "
+                                  f"{ADAPTER_WEIGHTS}")
+    try:
+        pc = json.loads((d / ADAPTER_CONFIG).read_text())
+        tensors = load_file(str(d / ADAPTER_WEIGHTS))
+    except Exception as e:
+        raise CheckpointError(f"{d} is not a readable peft adapter ({e.__class__.__name__}: {e})") from None
+    for key, ok in (("peft_type", "LORA"), ("use_rslora", False), ("bias", "none"), ("modules_to_save", None)):
+        if pc.get(key, ok) != ok:
+            raise ConfigError(f"{d / ADAPTER_CONFIG}: {key}={pc.get(key)!r} is not supported (need {ok!r})")
+    if adapter_modules(model):
+        raise ConfigError("the model already has adapters; load a peft adapter into an unadapted model")
+    _, targets = peft_targets(model_cfg)
+    inverse: dict[str, list[str]] = {}
+    for ours, (hf, _, _) in targets.items():
+        inverse.setdefault(hf, []).append(ours)
+    hf_modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)", key)
+        if m is None or m.group(1) not in inverse:
+            raise CheckpointError(f"{d / ADAPTER_WEIGHTS}: key {key!r} names no adaptable module of the model")
+        hf_modules.setdefault(m.group(1), {})[m.group(2).split(".")[0]] = t
+    for p in model.parameters():
+        p.requires_grad_(False)
+    dora = bool(pc.get("use_dora"))
+    wrapped = []
+    for hf, parts in hf_modules.items():
+        r = int(_pattern_value(pc.get("rank_pattern") or {}, hf, pc["r"]))
+        alpha = float(_pattern_value(pc.get("alpha_pattern") or {}, hf, pc["lora_alpha"]))
+        if "lora_A" not in parts or "lora_B" not in parts or (dora and "lora_magnitude_vector" not in parts):
+            raise CheckpointError(f"{d / ADAPTER_WEIGHTS}: {hf} lacks some of lora_A, lora_B"
+                                  + (", lora_magnitude_vector" if dora else ""))
+        A, B = parts["lora_A"].float(), parts["lora_B"].float()
+        if A.shape[0] != r or B.shape[1] != r:
+            raise CheckpointError(f"{d / ADAPTER_WEIGHTS}: {hf} has rank {A.shape[0]} but the config says {r}")
+        for ours in inverse[hf]:
+            _, start, stop = targets[ours]
+            base = model.get_submodule(ours)
+            cls = DoRALinear if dora else LoRALinear
+            layer = cls(base, rank=r, alpha=alpha, dropout=float(pc.get("lora_dropout") or 0.0))
+            with torch.no_grad():
+                layer.lora_A.copy_(A)
+                layer.lora_B.copy_(B[start:stop])
+                if dora:
+                    layer.magnitude.copy_(parts["lora_magnitude_vector"][start:stop].float())
+            _set_module(model, ours, layer)
+            wrapped.append(ours)
+    return wrapped

@@ -1,0 +1,219 @@
+"""Adapters (weightsmith.adapters): LoRA / DoRA layers, merge equality, peft parity both ways, the pass
+in training, runs, inspect and export."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from weightsmith.adapters import (
+    adapter_modules,
+    apply_adapters,
+    load_peft,
+    merge,
+    merge_adapters,
+    save_peft,
+    target_linears,
+    trainable_parameters,
+    unmerge,
+)
+from weightsmith.errors import ConfigError
+from weightsmith.models.layers.lora import DoRALinear, LoRALinear
+from weightsmith.recipe import AdapterConfig
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+def _randomize(model: nn.Module, seed: int = 0) -> None:
+    """Nonzero B (and magnitudes off their initial norms), so an adapter changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in adapter_modules(model):
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
+            if isinstance(m, DoRALinear):
+                m.magnitude.mul_(1 + 0.2 * torch.rand(m.magnitude.shape, generator=g))
+
+
+# ------------------------------------------------------------------------------------------ layers
+
+
+@pytest.mark.parametrize("cls", [LoRALinear, DoRALinear])
+def test_layer_starts_equal_to_base_and_merge_equals_unmerged(cls):
+    torch.manual_seed(0)
+    base = nn.Linear(7, 5, bias=True)
+    x = torch.randn(3, 2, 7)
+    y0 = base(x)
+    layer = cls(base, rank=3, alpha=6.0)
+    torch.testing.assert_close(layer(x), y0, rtol=0, atol=1e-6)  # B = 0: the adapter adds nothing
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        if cls is DoRALinear:
+            layer.magnitude.mul_(torch.linspace(0.5, 1.5, 5))
+    y = layer(x)
+    assert (y - y0).abs().max() > 1e-2
+    w0 = base.weight.detach().clone()
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), y, rtol=0, atol=1e-5)
+    torch.testing.assert_close(nn.functional.linear(x, base.weight, base.bias), y, rtol=0, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(base.weight, w0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer(x), y, rtol=0, atol=1e-6)
+
+
+def test_lora_matches_the_formula_and_dora_the_paper():
+    torch.manual_seed(1)
+    base = nn.Linear(11, 7, bias=False)
+    x = torch.randn(5, 11)
+    lora = LoRALinear(base, rank=2, alpha=5.0)
+    bound = 1 / math.sqrt(11)  # kaiming_uniform(a=sqrt(5)) of a (2, 11) matrix, as nn.Linear / peft
+    assert lora.lora_A.abs().max() <= bound and lora.lora_A.abs().max() > 0.5 * bound
+    assert torch.count_nonzero(lora.lora_B) == 0
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    W, A, B = base.weight, lora.lora_A, lora.lora_B
+    torch.testing.assert_close(lora(x), x @ W.T + 2.5 * x @ A.T @ B.T)
+    dora = DoRALinear(base, rank=2, alpha=5.0)
+    torch.testing.assert_close(dora.magnitude, W.norm(dim=1))
+    with torch.no_grad():
+        dora.lora_B.normal_()
+        dora.magnitude.uniform_(0.5, 2.0)
+    V = W + 2.5 * dora.lora_B @ dora.lora_A
+    W_dora = dora.magnitude[:, None] * V / V.norm(dim=1, keepdim=True)  # Liu et al. eq. (5)
+    torch.testing.assert_close(dora(x), x @ W_dora.T, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ the pass
+
+
+def _gpt(**kw):
+    from weightsmith.registry import create_model
+
+    torch.manual_seed(0)
+    args = dict(vocab_size=37, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=24, max_seq_len=16,
+                tie_embeddings=False)
+    return create_model("gpt", **{**args, **kw})
+
+
+def test_pass_targets_freezes_and_counts_exactly():
+    model = _gpt()
+    idx = torch.randint(0, 37, (2, 9))
+    ref = model(idx)
+    apply_adapters(model, AdapterConfig(method="dora", rank=3, alpha=3.0, target_modules=["q_proj", "mlp.*"]))
+    names = [n for n, _ in adapter_modules(model)]
+    assert names == [f"blocks.{i}.{s}" for i in range(2) for s in ("attn.q_proj", "mlp.gate", "mlp.up", "mlp.down")]
+    torch.testing.assert_close(model(idx), ref, rtol=0, atol=1e-5)
+    # per block: q (16->16), gate/up (16->24), down (24->16): r (in + out) + out magnitudes
+    expected = 2 * sum(3 * (i + o) + o for i, o in ((16, 16), (16, 24), (16, 24), (24, 16)))
+    assert trainable_parameters(model) == expected
+    assert all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "magnitude")
+               for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(ConfigError, match="already has adapters"):
+        apply_adapters(model, AdapterConfig())
+
+
+def test_bad_patterns_and_tied_head_are_refused():
+    with pytest.raises(ConfigError, match="'qkv' matches no linear"):
+        target_linears(_gpt(), ["qkv"])
+    with pytest.raises(ConfigError, match="lm_head, whose weight is tied"):
+        target_linears(_gpt(tie_embeddings=True), ["lm_head"])
+    for bad, field in (({"rank": 0}, "adapter.rank"), ({"alpha": 0.0}, "adapter.alpha"),
+                       ({"dropout": 1.0}, "adapter.dropout"), ({"target_modules": []}, "adapter.target_modules")):
+        with pytest.raises(ConfigError, match=field):
+            AdapterConfig(**bad)
+
+
+def test_merge_adapters_gives_a_plain_model_with_the_same_logits():
+    model = _gpt()
+    plain_keys = set(model.state_dict())
+    apply_adapters(model, AdapterConfig(method="lora", rank=2, alpha=4.0, target_modules=["*"]))
+    _randomize(model)
+    idx = torch.randint(0, 37, (2, 9))
+    y = model(idx)
+    merge(model)
+    torch.testing.assert_close(model(idx), y, rtol=0, atol=1e-5)
+    unmerge(model)
+    torch.testing.assert_close(model(idx), y, rtol=0, atol=1e-5)
+    merge_adapters(model)
+    assert not adapter_modules(model) and set(model.state_dict()) == plain_keys
+    torch.testing.assert_close(model(idx), y, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ peft parity
+
+
+def _hf_llama():
+    cfg = transformers.LlamaConfig(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _hf_gpt2():
+    cfg = transformers.GPT2Config(vocab_size=37, n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                  bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _ours_from_hf(hf_model):
+    from weightsmith.registry import model_from_config
+    from weightsmith.ship.hf_convert import hf_to_ours
+
+    family, cfg, sd = hf_to_ours(hf_model.config.to_dict(), hf_model.state_dict())
+    model = model_from_config(family, cfg)
+    model.load_state_dict(sd, strict=False)  # tied GPT-2 head: lm_head is tok_emb
+    return cfg, model.eval()
+
+
+@pytest.mark.parametrize("hf_factory,method,patterns", [
+    (_hf_llama, "lora", ["q_proj", "v_proj", "mlp.down"]),
+    (_hf_llama, "dora", ["attn.*", "gate"]),
+    (_hf_gpt2, "lora", ["q_proj", "v_proj", "mlp.up"]),  # q and v fused into c_attn, k left at zero
+    (_hf_gpt2, "dora", ["k_proj", "o_proj", "mlp.down"]),
+])
+def test_ours_saved_in_peft_format_loads_in_peft_with_the_same_logits(tmp_path, hf_factory, method, patterns):
+    from peft import PeftModel
+
+    hf = hf_factory()
+    cfg, ours = _ours_from_hf(hf)
+    idx = torch.randint(0, 37, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = hf(idx).logits
+        torch.testing.assert_close(ours(idx), before, rtol=0, atol=1e-5)  # the converter itself
+    apply_adapters(ours, AdapterConfig(method=method, rank=2, alpha=5.0, target_modules=patterns))
+    _randomize(ours)
+    save_peft(ours, cfg, tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        mine, theirs = ours(idx), peft_model(idx).logits
+        assert (mine - before).abs().max() > 1e-2  # the adapter matters
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("hf_factory,use_dora,targets", [
+    (_hf_llama, False, ["q_proj", "k_proj", "down_proj"]),
+    (_hf_llama, True, ["v_proj", "o_proj", "up_proj"]),
+    (_hf_gpt2, False, ["c_attn", "c_proj"]),
+    (_hf_gpt2, True, ["c_attn", "c_fc"]),
+])
+def test_peft_made_adapter_loads_into_ours_with_the_same_logits(tmp_path, hf_factory, use_dora, targets):
+    from peft import LoraConfig, get_peft_model
+
+    hf = hf_factory()
+    cfg, ours = _ours_from_hf(hf)
+    torch.manual_seed(5)
+    lc = LoraConfig(r=3, lora_alpha=7, target_modules=targets, use_dora=use_dora, init_lora_weights=False,
+                    fan_in_fan_out=hf_factory is _hf_gpt2, rank_pattern={targets[-1]: 2})
+    peft_model = get_peft_model(hf, lc).eval()
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    wrapped = load_peft(ours, cfg, tmp_path / "peft")
+    assert wrapped and trainable_parameters(ours) > 0
+    idx = torch.randint(0, 37, (2, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), peft_model(idx).logits, rtol=0, atol=1e-5)

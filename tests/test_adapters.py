@@ -217,3 +217,130 @@ def test_peft_made_adapter_loads_into_ours_with_the_same_logits(tmp_path, hf_fac
     idx = torch.randint(0, 37, (2, 11), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), peft_model(idx).logits, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ runs and CLI
+
+RUN_RECIPE = """
+[data]
+corpus = "{corpus}"
+tokenizer = "byte"
+
+[model]
+family = "gpt"
+d_model = 32
+n_layers = 2
+n_heads = 2
+max_seq_len = 32
+tie_embeddings = false
+
+[train]
+batch_size = 4
+max_steps = 6
+warmup_steps = 0
+schedule = "constant"
+lr = 1e-2
+eval_every = 100
+ckpt_every = 3
+keep_checkpoints = 0
+log_every = 1
+eval_tokens = 256
+
+[sample]
+prompt = "KING."
+max_new_tokens = 5
+
+[adapter]
+method = "{method}"
+rank = 2
+alpha = 4.0
+dropout = 0.1
+target_modules = ["q_proj", "v_proj", "mlp.*"]
+"""
+
+
+def _losses(run):
+    import json
+
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+
+
+def _ckpt_sd(run, step):
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "checkpoints" / f"step_{step:06d}" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def adapted_run(tmp_path_factory, tiny_corpus):
+    import os
+
+    from weightsmith.cli import main
+
+    root = tmp_path_factory.mktemp("adapted")
+    old = os.environ.get("WEIGHTSMITH_CACHE")
+    os.environ["WEIGHTSMITH_CACHE"] = str(root / "cache")
+    recipe = root / "dora.toml"
+    recipe.write_text(RUN_RECIPE.format(corpus=tiny_corpus, method="dora"))
+    try:
+        assert main(["train", str(recipe), "--out", str(root / "full")]) == 0
+        assert main(["train", str(recipe), "--out", str(root / "cut"), "--train.max_steps=3"]) == 0
+        assert main(["train", str(recipe), "--out", str(root / "cut"), "--resume", "--train.max_steps=6"]) == 0
+        yield root, recipe
+    finally:
+        if old is None:
+            os.environ.pop("WEIGHTSMITH_CACHE", None)
+        else:
+            os.environ["WEIGHTSMITH_CACHE"] = old
+
+
+def test_adapted_training_changes_only_the_adapters_and_resumes_exactly(adapted_run):
+    from weightsmith.config import load_toml
+    from weightsmith.registry import build_config, model_from_config
+
+    root, _ = adapted_run
+    run = root / "full"
+    tree = load_toml(run / "config.toml")
+    assert tree["adapter"]["method"] == "dora" and tree["adapter"]["target_modules"] == ["q_proj", "v_proj", "mlp.*"]
+    model_tree = dict(tree["model"])
+    torch.manual_seed(tree["train"]["seed"])  # the base as training built it, before the adapters
+    init = model_from_config(model_tree.pop("family"), build_config("gpt", model_tree)).state_dict()
+    first, last = _ckpt_sd(run, 3), _ckpt_sd(run, 6)
+    adapter_keys = {k for k in last if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "magnitude")}
+    assert len(adapter_keys) == 2 * 5 * 3  # 2 blocks x (q, v, gate, up, down) x (A, B, m)
+    for key, t in last.items():
+        if key in adapter_keys:
+            assert not torch.equal(t, first[key]), key  # every adapter tensor moved between steps 3 and 6
+        else:
+            assert torch.equal(t, init[key.replace(".base.", ".")]), key  # base bit-identical to its init
+    full, cut = _losses(run), _losses(root / "cut")
+    assert sorted(full) == sorted(cut) == list(range(1, 7))
+    assert all(full[s] == cut[s] for s in full), (full, cut)  # dropout RNG and optimizer state resumed
+    state = torch.load(run / "checkpoints" / "step_000006" / "train_state.pt", weights_only=True)
+    # AdamW state for the adapter tensors only: the frozen base has no moments
+    assert len(state["optimizer"]["state"]) == len(adapter_keys)
+    assert sum(len(g["params"]) for g in state["optimizer"]["param_groups"]) == len(adapter_keys)
+
+
+def test_eval_generate_export_and_quantize_work_on_an_adapted_run(adapted_run, tmp_path, capsys):
+    from weightsmith.cli import main
+    from weightsmith.train.checkpoint import load_run
+
+    root, _ = adapted_run
+    run = root / "full"
+    loaded = load_run(run)
+    assert len(adapter_modules(loaded.model)) == 10
+    assert main(["eval", str(run)]) == 0
+    assert main(["generate", str(run), "--prompt", "KING.", "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    assert "KING." in capsys.readouterr().out
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    idx = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, loaded.model(idx), rtol=0, atol=1e-4)  # merged = adapted
+    assert main(["quantize", str(run), "--method", "int8", "--out", str(tmp_path / "q8")]) == 0
+    q = load_run(tmp_path / "q8")
+    assert not adapter_modules(q.model)
+    with torch.no_grad():
+        assert (q.model(idx) - loaded.model(idx)).abs().max() < 0.1

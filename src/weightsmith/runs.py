@@ -123,3 +123,25 @@ def open_task(run_dir: Path, config: dict, log=lambda *a: None):
     task = recipe.task_cls(recipe.task, recipe.data, recipe.train, None)
     task.setup(Path(run_dir), resume=True, log=log)
     return task
+
+
+def apply_run_passes(model, config: dict):
+    """Re-apply the structural passes recorded in a run's ``config.toml`` to a freshly built ``model``, in
+    place, before its checkpoint is loaded: ``[adapter]`` (LoRA / DoRA / QLoRA wrappers, weightsmith.adapters),
+    so the checkpoint's keys (``...q_proj.base.weight``, ``...q_proj.lora_A``) match. ``[quantization]``
+    is applied by weightsmith.train.checkpoint.load_run itself. Returns ``model``.
+
+    Raises:
+        ConfigError: a bad ``[adapter]`` section (one line naming the key).
+    """
+    section = config.get("adapter")
+    if section is None:
+        return model
+    from weightsmith.adapters import apply_adapters
+    from weightsmith.config import from_dict
+    from weightsmith.errors import ConfigError
+    from weightsmith.recipe import AdapterConfig
+
+    if not isinstance(section, dict):
+        raise ConfigError("[adapter] in config.toml must be a table")
+    return apply_adapters(model, from_dict(AdapterConfig, section, "adapter"))

@@ -173,6 +173,10 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, dtype: str = "f32
                           f"supported: {', '.join(repr(f) for f in supported)}")
     exporter = _exporter(fmt)
     run = load_run(run_dir)
+    if "adapter" in run.config:  # exporters take plain weights: the adapters merged in (weightsmith.adapters)
+        from weightsmith.adapters import merge_adapters
+
+        merge_adapters(run.model)
     if "quantization" in run.config:  # exporters take float weights: dequantize (the rounding error stays)
         from weightsmith.ship.quantize import dequantize_model
 

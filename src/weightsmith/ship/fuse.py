@@ -78,8 +78,13 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     every plain linear transposed (:class:`TransposedLinear`); in place.
 
     Returns:
-        ``model``. Calling it twice is harmless (fused and transposed layers are skipped).
+        ``model``. Calling it twice is harmless (fused and transposed layers are skipped). LoRA / DoRA
+        adapters (weightsmith.adapters) are merged into their weights first, which leaves the outputs equal.
     """
+    from weightsmith.adapters import adapter_modules, merge_adapters
+
+    if adapter_modules(model):
+        merge_adapters(model)
     for m in model.modules():
         if isinstance(m, Attention) and m.qkv_proj is None:
             fused = _concat([m.q_proj, m.k_proj, m.v_proj])

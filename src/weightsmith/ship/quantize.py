@@ -411,6 +411,10 @@ def quantize_run(run_dir: str | Path, method: str, out: str | Path, group_size: 
         q = run.config["quantization"]
         raise WeightsmithError(f"{run_dir} is already quantized ({q.get('method')}); quantize its fp32 source run")
     model = run.model
+    if "adapter" in run.config:  # an adapted run: quantize the merged weights (the new run has no adapters)
+        from weightsmith.adapters import merge_adapters
+
+        merge_adapters(model)
     check_quantizable(model, method, group_size)
     bits = METHODS[method]
     result: dict = {"method": method, "bits": bits, "group_size": group_size if bits == 4 else None,
@@ -435,6 +439,7 @@ def quantize_run(run_dir: str | Path, method: str, out: str | Path, group_size: 
     if fallbacks is not None:
         result["rtn_fallback"] = fallbacks
     tree = dict(run.config)
+    tree.pop("adapter", None)  # merged above
     tree["quantization"] = {"method": method, "group_size": group_size if bits == 4 else 0, "bits": bits}
     step = int(run.checkpoint.name.split("_")[-1])
     with atomic_output_dir(out) as tmp:

@@ -230,7 +230,8 @@ def load_run(run_dir: str | Path, device: str = "cpu", checkpoint: Path | None =
     evaluate a RoPE model past its training context (the returned ``config`` stays the saved one).
 
     A ``[quantization]`` section in config.toml (written by ``weightsmith quantize``) makes the model a
-    quantized one (weightsmith.ship.quantize.apply_quantization) before the weights are loaded.
+    quantized one (weightsmith.ship.quantize.apply_quantization) before the weights are loaded; an
+    ``[adapter]`` section re-applies the adapters (weightsmith.runs.apply_run_passes).
 
     Raises:
         CheckpointError: if the directory is not a run, has no checkpoint, or the checkpoint is corrupt.
@@ -254,6 +255,10 @@ def load_run(run_dir: str | Path, device: str = "cpu", checkpoint: Path | None =
             raise CheckpointError(f"{run_dir} has no checkpoint in {run_dir / CKPT_DIR}")
         checkpoint = ckpts[-1]
     model = model_from_config(family, cfg, device=device)
+    if "adapter" in tree:  # an adapted run: the same wrappers as in training, then its weights
+        from weightsmith.runs import apply_run_passes
+
+        apply_run_passes(model, tree)
     if "quantization" in tree:  # a quantized run: same model, quantized layers swapped in before loading
         from weightsmith.ship.quantize import apply_quantization
 

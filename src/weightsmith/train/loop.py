@@ -229,6 +229,12 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     model = model_from_config(recipe.family, model_cfg, device=device)
+    if recipe.adapter is not None:  # after any init_from weights: the base is frozen as loaded
+        from weightsmith.adapters import apply_adapters
+
+        if dist.mode == "fsdp":
+            raise ConfigError("[adapter] with train.parallel='fsdp' is not supported yet; use 'ddp' or one process")
+        apply_adapters(model, recipe.adapter)  # only the adapters keep requires_grad (and reach the optimizer)
     model.train()
     model = dist.prepare_model(model)  # FSDP2 shards it in place, before the optimizer sees the parameters
     optimizer = build_optimizer(tc.optimizer, model, tc)
@@ -238,7 +244,12 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
     guard = StabilityGuard(tc, own_dir, log=log)
 
     def plain_model() -> torch.nn.Module:  # an unsharded copy, for FSDP checkpoints and the final eval
-        return model_from_config(recipe.family, model_cfg, device=device)
+        plain = model_from_config(recipe.family, model_cfg, device=device)
+        if recipe.adapter is not None:
+            from weightsmith.adapters import apply_adapters
+
+            apply_adapters(plain, recipe.adapter)
+        return plain
     faults = active_faults()  # test-only fault injection (weightsmith.train.faults); None in real runs
 
     def restore(ckpt: Path) -> dict:
@@ -287,6 +298,10 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
         start_step = 0
 
     n_params = sum(p.numel() for p in model.parameters())
+    if recipe.adapter is not None:
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log(f"adapter {recipe.adapter.method} rank {recipe.adapter.rank}: {n_train:,} trainable parameters "
+            f"of {n_params:,} ({n_train / n_params:.2%}); the base is frozen")
     log(f"run {run_dir}: {recipe.family} with {n_params:,} parameters, task {task.name}, "
         f"{tc.batch_size * tc.grad_accum} examples per step, device {device}{' bf16' if use_bf16 else ' fp32'}")
     if tc.activation_checkpointing:  # applied from outside: model code and checkpoints are unchanged

@@ -344,3 +344,52 @@ def test_eval_generate_export_and_quantize_work_on_an_adapted_run(adapted_run, t
     assert not adapter_modules(q.model)
     with torch.no_grad():
         assert (q.model(idx) - loaded.model(idx)).abs().max() < 0.1
+
+
+# ------------------------------------------------------------------------------------------ inspect
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+def test_inspect_counts_trainable_parameters_and_state_of_the_real_module(tmp_path, method):
+    from weightsmith.adapters import nf4_bytes
+    from weightsmith.analysis.inspect import format_report, inspect_model
+    from weightsmith.registry import create_model
+    from weightsmith.train.config import TrainConfig
+    from weightsmith.train.optim import build_optimizer
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\nfamily = "gpt"\nd_model = 24\nn_layers = 3\nn_heads = 2\nd_ff = 40\n'
+                      'max_seq_len = 16\nvocab_size = 53\ntie_embeddings = false\n'
+                      f'[adapter]\nmethod = "{method}"\nrank = 3\ndropout = 0.1\n'
+                      'target_modules = ["attn.q_proj", "mlp.down", "lm_head"]\n')
+    report = inspect_model(str(recipe), batch_size=2, seq_len=7)
+    a = report["adapter"]
+    torch.manual_seed(0)
+    model = create_model("gpt", vocab_size=53, d_model=24, n_layers=3, n_heads=2, d_ff=40, max_seq_len=16,
+                         tie_embeddings=False)
+    n_base = sum(p.numel() for p in model.parameters())
+    apply_adapters(model, AdapterConfig(method="dora" if method == "dora" else "lora", rank=3, dropout=0.1,
+                                        target_modules=["attn.q_proj", "mlp.down", "lm_head"]))
+    assert a["params_trainable"] == trainable_parameters(model)
+    # q (24->24), down (40->24) x 3 blocks, lm_head (24->53): rank (in + out) [+ out for DoRA]
+    shapes = [(24, 24), (40, 24)] * 3 + [(24, 53)]
+    assert a["params_trainable"] == sum(3 * (i + o) + (o if method == "dora" else 0) for i, o in shapes)
+    assert a["params_frozen"] == n_base == report["params_total"]
+    opt = build_optimizer("adamw", model, TrainConfig())
+    model(torch.randint(0, 53, (2, 7))).sum().backward()
+    opt.step()
+    state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
+    assert a["memory_optimizer_bytes"] == state_bytes  # AdamW moments for the adapters only
+    grad_bytes = sum(p.grad.numel() * 4 for p in model.parameters() if p.grad is not None)
+    assert a["memory_grads_bytes"] == grad_bytes
+    if method == "qlora":  # every linear in the blocks and the adapted head is NF4 (4.127 bits/weight)
+        nf4_w = 3 * (4 * 24 * 24 + 3 * 24 * 40) + 24 * 53
+        assert a["params_nf4"] == nf4_w
+        assert a["memory_nf4_bytes"] < 0.53 * nf4_w  # 4 bits + scales (+ per-tensor overhead here)
+        blocks = [24 * 24] * 12 + [24 * 40] * 9 + [24 * 53]
+        assert a["memory_nf4_bytes"] == sum(nf4_bytes(n) for n in blocks)
+        assert a["memory_weights_bytes"] == (n_base - nf4_w) * 4 + a["memory_nf4_bytes"] + a["params_trainable"] * 4
+    else:
+        assert a["memory_weights_bytes"] == (n_base + a["params_trainable"]) * 4
+    assert a["memory_train_bytes"] < report["memory_train_bytes"]
+    assert f"trainable {a['params_trainable']:,}" in format_report(report)

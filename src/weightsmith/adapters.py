@@ -332,3 +332,73 @@ def load_peft(model: nn.Module, model_cfg: Any, adapter_dir: str | Path) -> list
             _set_module(model, ours, layer)
             wrapped.append(ours)
     return wrapped
+
+
+# ------------------------------------------------------------------------------------------ cost
+
+NF4_BLOCK = 64  # weights per absmax scale (Dettmers et al. 2023)
+NF4_SCALE_BLOCK = 256  # first-level scales per second-level fp32 scale (double quantization)
+
+
+def nf4_bytes(n: int) -> float:
+    """Bytes of ``n`` weights stored as NF4 with double quantization (Dettmers et al. 2023, section 3):
+    4 bits per weight, one 8-bit absmax per block of 64, one fp32 scale per 256 of those (and one fp32
+    offset per tensor): n / 2 + ceil(n / 64) + 4 ceil(ceil(n / 64) / 256) + 4, about 4.127 bits per weight."""
+    blocks = -(-n // NF4_BLOCK)
+    return n / 2 + blocks + 4 * -(-blocks // NF4_SCALE_BLOCK) + 4
+
+
+def adapter_cost(family: str, cfg: Any, adapter: Any, *, batch_size: int, seq_len: int, dtype: str,
+                 optimizer: str, base_memory: dict[str, float]) -> dict[str, Any]:
+    """Parameters and training memory of ``family``/``cfg`` with the adapters of ``adapter`` (an
+    AdapterConfig), for ``weightsmith inspect`` (bytes; counts in elements).
+
+    The model is built on the meta device and the pass applied (``qlora`` with ``lora``'s layers: the
+    same trainable tensors), so ``params_trainable`` is the real module's count; it is checked against
+    the analytic sum over the adapted (in, out) linears of rank (in + out), plus out for DoRA.
+
+    Memory, at ``dtype`` except where said: weights = frozen base (NF4 linears at :func:`nf4_bytes`,
+    everything else at ``dtype``) + adapters (fp32 for ``qlora``); grads and optimizer states for the
+    adapters only (no gradient or state for the base); activations = the base model's estimate
+    (``base_memory["activations"]``, an upper bound: a frozen linear need not keep its input) plus, per
+    adapted linear, the (B, T, rank) output of A and, with dropout, the (B, T, in) masked input; the
+    backward transient is the base model's. ``train_peak`` is their sum with the buffers.
+
+    Raises:
+        ConfigError: the patterns select nothing (see :func:`target_linears`), unknown dtype/optimizer.
+    """
+    from dataclasses import replace
+
+    from weightsmith.analysis.memory import dtype_bytes, optimizer_states
+    from weightsmith.registry import model_from_config
+
+    nb, states = dtype_bytes(dtype), optimizer_states(optimizer)
+    model = model_from_config(family, cfg, device="meta")
+    n_total = sum(p.numel() for p in model.parameters())
+    targets = target_linears(model, list(adapter.target_modules))
+    shapes = {n: (model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in targets}
+    nf4_names = set(targets)
+    if adapter.method == "qlora" and adapter.quantize_frozen:
+        nf4_names |= {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")}
+    qlora = adapter.method == "qlora"
+    nf4_params = sum(model.get_submodule(n).weight.numel() for n in nf4_names) if qlora else 0
+    nf4_total = sum(nf4_bytes(model.get_submodule(n).weight.numel()) for n in nf4_names) if qlora else 0.0
+    apply_adapters(model, replace(adapter, method="dora" if adapter.method == "dora" else "lora"))
+    trainable = trainable_parameters(model)
+    analytic = sum(adapter.rank * (i + o) + (o if adapter.method == "dora" else 0) for i, o in shapes.values())
+    if analytic != trainable:  # the analytic count must describe the pass exactly
+        raise RuntimeError(f"analytic adapter parameters {analytic} != the adapted module's {trainable}")
+    na = 4 if qlora else nb  # QLoRA keeps its adapters in fp32
+    weights = (n_total - nf4_params) * nb + nf4_total + trainable * na
+    act_extra = sum(batch_size * seq_len * (adapter.rank + (i if adapter.dropout > 0 else 0))
+                    for i, _ in shapes.values()) * na
+    grads, opt = trainable * na, states * trainable * na
+    act = base_memory["activations"] + act_extra
+    peak = weights + base_memory["buffers"] + grads + opt + act + base_memory["backward_transient"]
+    return {"method": adapter.method, "rank": adapter.rank, "alpha": adapter.alpha,
+            "target_modules": list(adapter.target_modules), "adapted_linears": len(targets),
+            "params_trainable": trainable, "params_frozen": n_total, "params_nf4": nf4_params,
+            "trainable_fraction": trainable / (trainable + n_total),
+            "memory_weights_bytes": weights, "memory_nf4_bytes": nf4_total,
+            "memory_grads_bytes": grads, "memory_optimizer_bytes": opt, "memory_activations_bytes": act,
+            "memory_train_bytes": peak, "memory_train_full_bytes": base_memory["train_peak"]}

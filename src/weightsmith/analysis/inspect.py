@@ -72,6 +72,23 @@ def _data_decided_fields(fields: dict[str, Any], tree: dict[str, Any]) -> None:
         fields.setdefault(key, value)
 
 
+def _adapter_section(model: str) -> Any:
+    """The recipe's or run's ``[adapter]`` as an AdapterConfig, or None (presets have none)."""
+    from weightsmith.config import from_dict, load_toml
+    from weightsmith.recipe import AdapterConfig
+
+    path = Path(model)
+    path = path / "config.toml" if path.is_dir() else path
+    if not (path.suffix == ".toml" and path.is_file()):
+        return None
+    section = load_toml(path).get("adapter")
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [adapter] must be a table")
+    return from_dict(AdapterConfig, section, "adapter")
+
+
 # the samplers of weightsmith.tasks.diffusion and the task each belongs to
 SAMPLERS = {"ddim": "ddpm", "ddpm": "ddpm", "euler": "flow-matching", "heun": "flow-matching"}
 
@@ -250,6 +267,12 @@ def inspect_model(model: str, *, batch_size: int = 1, seq_len: int | None = None
         extra["sampling"] = sampling_cost(cfg, fwd["total"], **_sampling_options(model, sampler, steps, guidance))
     elif (sampler, steps, guidance) != (None, None, None):
         raise ConfigError(f"--sampler, --steps and --guidance apply to unet models; {name} is of family {family}")
+    adapter = _adapter_section(model)
+    if adapter is not None:  # [adapter]: trainable parameters and training memory with the base frozen
+        from weightsmith.adapters import adapter_cost
+
+        extra["adapter"] = adapter_cost(family, cfg, adapter, batch_size=batch_size, seq_len=T, dtype=dtype,
+                                        optimizer=optimizer, base_memory=mem)
     return {
         "model": name, "family": family, "config": to_dict(cfg), "batch_size": batch_size, "seq_len": T,
         "unit": "image" if image else "token",
@@ -336,6 +359,16 @@ def format_report(report: dict[str, Any]) -> str:
                         f"NFE {sp['nfe']}, "
                         f"{sp['forwards_per_image']} forwards/image x {human(sp['flops_fwd_per_image'])} = "
                         f"{human(sp['flops_per_sample'])} FLOPs per sample"]
+    if "adapter" in r:
+        a = r["adapter"]
+        nf4 = f" (NF4 {human(a['memory_nf4_bytes'], 'B')} for {a['params_nf4']:,} weights)" if a["params_nf4"] else ""
+        lines[-1:-1] = [
+            f"adapter      {a['method']} rank {a['rank']} on {a['adapted_linears']} linears: trainable "
+            f"{a['params_trainable']:,} ({a['trainable_fraction']:.2%}), frozen base {a['params_frozen']:,}",
+            f"             weights {human(a['memory_weights_bytes'], 'B')}{nf4}  grads "
+            f"{human(a['memory_grads_bytes'], 'B')}  optimizer {human(a['memory_optimizer_bytes'], 'B')}  "
+            f"activations {human(a['memory_activations_bytes'], 'B')};  train peak "
+            f"{human(a['memory_train_bytes'], 'B')} (full fine-tune {human(a['memory_train_full_bytes'], 'B')})"]
     per, act_at = ("fwd FLOPs/img", "act @B") if image else ("fwd FLOPs/tok", "act @B,T")
     head = f"{'module':34s} {'count':>5s} {'params':>12s} {per:>14s} {act_at:>11s}  weights"
     lines += [head, "-" * len(head)]

@@ -393,3 +393,25 @@ def test_inspect_counts_trainable_parameters_and_state_of_the_real_module(tmp_pa
         assert a["memory_weights_bytes"] == (n_base + a["params_trainable"]) * 4
     assert a["memory_train_bytes"] < report["memory_train_bytes"]
     assert f"trainable {a['params_trainable']:,}" in format_report(report)
+
+
+def test_export_peft_of_an_adapted_run_loads_in_peft_on_the_base(adapted_run, tmp_path):
+    from peft import PeftModel
+
+    from weightsmith.cli import main
+    from weightsmith.ship.hf_convert import ours_to_hf
+    from weightsmith.train.checkpoint import load_run
+
+    root, _ = adapted_run
+    run = load_run(root / "full")
+    assert main(["export", str(root / "full"), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+    base = {k.replace(".base.", "."): v for k, v in run.model.state_dict().items()
+            if k.rsplit(".", 1)[-1] not in ("lora_A", "lora_B", "magnitude")}
+    hf_cfg, hf_sd, arch = ours_to_hf(run.model.config, base)
+    hf = getattr(transformers, arch)(getattr(transformers, arch.replace("ForCausalLM", "Config"))(**hf_cfg))
+    hf.load_state_dict(hf_sd, strict=False)
+    peft_model = PeftModel.from_pretrained(hf.eval(), str(tmp_path / "peft")).eval()
+    idx = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(idx).logits, run.model(idx), rtol=0, atol=1e-5)
+    assert main(["export", str(root / "full"), "--format", "peft", "--out", str(tmp_path / "peft")]) == 2

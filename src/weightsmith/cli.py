@@ -8,7 +8,7 @@
                                  [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
     weightsmith sample RUN_DIR --n N [--sampler ddim] [--steps S] [--eta E] [--guidance W] [--class C]
                                [--seed S] --out grid.png
-    weightsmith export RUN_DIR --format hf|gguf|onnx --out DIR [--dtype f32|f16|bf16|q8_0|q4_0]
+    weightsmith export RUN_DIR --format hf|gguf|onnx|peft --out DIR [--dtype f32|f16|bf16|q8_0|q4_0]
     weightsmith quantize RUN_DIR --method int8|int4|gptq-int4 [--group-size 64] --out DIR
     weightsmith models [PATTERN]
     weightsmith inspect MODEL [--batch-size B] [--seq-len T] [--dtype D] [--optimizer adamw|sgd] [--json]
@@ -356,7 +356,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
 
     p = add("export", _cmd_export)
     p.add_argument("run_dir", help="run directory written by train (or quantize)")
-    p.add_argument("--format", required=True, choices=["hf", "gguf", "onnx"], help="output format")
+    p.add_argument("--format", required=True, choices=["hf", "gguf", "onnx", "peft"], help="output format")
     p.add_argument("--out", required=True, metavar="DIR", help="new output directory; never overwritten")
     p.add_argument("--dtype", default="f32", help="weights: f32, f16, bf16 (hf, f16 gguf), q8_0, q4_0 (gguf)")
 

@@ -1,6 +1,6 @@
 """Export a run directory to a format other tools load, written atomically.
 
-    weightsmith export RUN_DIR --format hf|gguf|onnx --out DIR [--dtype f32|f16|bf16|q8_0|q4_0]
+    weightsmith export RUN_DIR --format hf|gguf|onnx|peft --out DIR [--dtype f32|f16|bf16|q8_0|q4_0]
 
 =======  ==========================  ==============================================================
 format   dtypes                      what ``DIR`` holds
@@ -13,6 +13,9 @@ gguf     f32, f16, q8_0, q4_0        model.gguf (llama.cpp; arch ``llama`` or ``
 onnx     f32                         model.onnx (input_ids (B, T) -> logits (B, T, V)), tokenizer.json;
                                      image classifiers: images -> logits, labels.json; ``unet``
                                      runs: (x, t[, y]) -> prediction with the EMA weights, labels.json
+peft     f32                         adapter_config.json, adapter_model.safetensors: the adapters of
+                                     a run with ``[adapter]`` in peft's LoRA format for the base's
+                                     transformers model (weightsmith.adapters.save_peft)
 =======  ==========================  ==============================================================
 
 Every export also writes ``export.json`` (format, dtype, source run and checkpoint).
@@ -40,11 +43,13 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "hf": ("f32", "f16", "bf16"),
     "gguf": ("f32", "f16", "q8_0", "q4_0"),
     "onnx": ("f32",),
+    "peft": ("f32",),
 }
 DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 EXPORT_META = "export.json"
 # the optional packages each format imports, all in the ``interop`` extra
-INTEROP_MODULES: dict[str, tuple[str, ...]] = {"hf": (), "gguf": ("gguf",), "onnx": ("onnx", "onnxscript")}
+INTEROP_MODULES: dict[str, tuple[str, ...]] = {"hf": (), "gguf": ("gguf",), "onnx": ("onnx", "onnxscript"),
+                                               "peft": ()}
 INTEROP_HINT = "pip install 'weightsmith[interop]'"
 
 
@@ -53,7 +58,7 @@ GPT_SUPPORTED: dict[str, dict[str, tuple[str, ...]]] = {
     "hf": {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "rope_scaling": ("none",)},
     "gguf": {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "rope_scaling": ("none",)},
 }
-_FORMAT_NAMES = {"hf": "Hugging Face", "gguf": "GGUF", "onnx": "ONNX"}
+_FORMAT_NAMES = {"hf": "Hugging Face", "gguf": "GGUF", "onnx": "ONNX", "peft": "peft"}
 # the language-model families each format can express (other formats: gpt only)
 EXPORT_FAMILIES: dict[str, tuple[str, ...]] = {"gguf": ("gpt", "mamba2", "mamba"), "hf": ("gpt", "mamba2", "mamba")}
 
@@ -171,6 +176,8 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, dtype: str = "f32
         supported = EXPORT_FAMILIES.get(fmt, ("gpt",))
         raise ConfigError(f"model.family={family!r} cannot be exported to {_FORMAT_NAMES[fmt]}; "
                           f"supported: {', '.join(repr(f) for f in supported)}")
+    if fmt == "peft":
+        return _export_peft(run_dir, out)
     exporter = _exporter(fmt)
     run = load_run(run_dir)
     if "adapter" in run.config:  # exporters take plain weights: the adapters merged in (weightsmith.adapters)
@@ -185,6 +192,28 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, dtype: str = "f32
         exporter(run.model, run.tokenizer, tmp, dtype)
         meta = {"format": fmt, "dtype": dtype, "run_dir": str(run_dir.resolve()),
                 "checkpoint": run.checkpoint.name}
+        (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def _export_peft(run_dir: Path, out: Path) -> Path:
+    """The adapters of an ``[adapter]`` run as a peft LoRA adapter (weightsmith.adapters.save_peft), for
+    the transformers model that ``--format hf`` makes of the unadapted base. A ``qlora`` run's adapters
+    were trained on the NF4-rounded base, so they fit that base, not the float one, exactly.
+
+    Raises:
+        ConfigError: the run has no ``[adapter]``, or peft's transformers model cannot hold its layers.
+    """
+    from weightsmith.adapters import save_peft
+    from weightsmith.train.checkpoint import load_run
+
+    run = load_run(run_dir)
+    if "adapter" not in run.config:
+        raise ConfigError(f"{run_dir} has no [adapter] section: nothing to export as peft; use --format hf")
+    with atomic_output_dir(out) as tmp:
+        save_peft(run.model, run.model.config, tmp, dropout=float(run.config["adapter"].get("dropout", 0.0)))
+        meta = {"format": "peft", "dtype": "f32", "run_dir": str(run_dir.resolve()),
+                "checkpoint": run.checkpoint.name, "method": run.config["adapter"].get("method", "lora")}
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 

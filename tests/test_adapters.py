@@ -415,3 +415,21 @@ def test_export_peft_of_an_adapted_run_loads_in_peft_on_the_base(adapted_run, tm
     with torch.no_grad():
         torch.testing.assert_close(peft_model(idx).logits, run.model(idx), rtol=0, atol=1e-5)
     assert main(["export", str(root / "full"), "--format", "peft", "--out", str(tmp_path / "peft")]) == 2
+
+
+@pytest.mark.parametrize("section,needle", [
+    ('[adapter]\nmethod = "ia3"\n', "adapter.method = 'ia3' is not allowed"),
+    ('[adapter]\nrank = 0\n', "adapter.rank must be >= 1"),
+    ('[adapter]\nranks = 4\n', "unknown key 'adapter.ranks'"),
+    ('[adapter]\ntarget_modules = ["c_attn"]\n', "pattern 'c_attn' matches no linear layer"),
+])
+def test_bad_adapter_sections_are_one_line_errors(tmp_path, tiny_corpus, capsys, section, needle, monkeypatch):
+    from weightsmith.cli import main
+
+    monkeypatch.setenv("WEIGHTSMITH_CACHE", str(tmp_path / "cache"))
+    recipe = tmp_path / "bad.toml"
+    text = RUN_RECIPE.format(corpus=tiny_corpus, method="lora")
+    recipe.write_text(text[:text.index("[adapter]")] + section)
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err

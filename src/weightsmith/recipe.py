@@ -122,6 +122,8 @@ def recipe_from_tree(tree: dict[str, Any], name: str = "run") -> Recipe:
         family = family or preset.family
     family = family or "gpt"
     get_family(family)
+    if "adapter" in tree and not isinstance(tree["adapter"], dict):
+        raise ConfigError(f"[adapter] must be a table of keys (method, rank, ...), got {tree['adapter']!r}")
     task_tree = dict(tree.get("task", {}))
     task_cls = task_for(family, task_tree.pop("name", None))  # before any work: can this family be trained?
     recipe = Recipe(

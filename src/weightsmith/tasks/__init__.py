@@ -8,6 +8,8 @@
     ddpm             denoising diffusion, eps-prediction                 (unet)
     flow-matching    rectified-flow velocity regression                  (unet)
     vae              the ELBO of a variational autoencoder               (vae)
+    dpo              DPO on preference pairs against a frozen reference  (any causal-lm family)
+    sft              next-token loss on the chosen continuations         (any causal-lm family)
 
 Each model family names its default task when it registers; a recipe may name another in ``[task]``
 if that task lists the family's default task in its ``also_trains`` (``recall`` trains every
@@ -23,7 +25,8 @@ from collections.abc import Callable
 from weightsmith.errors import ConfigError
 
 _TASKS: dict[str, type] = {}
-_MODULES = ("causal_lm", "masked_lm", "span_corruption", "classification", "recall", "diffusion", "vae")
+_MODULES = ("causal_lm", "masked_lm", "span_corruption", "classification", "recall", "diffusion", "vae",
+            "preference")
 
 
 def register_task(name: str) -> Callable[[type], type]:

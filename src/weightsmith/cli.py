@@ -11,11 +11,15 @@
     weightsmith export RUN_DIR --format hf|gguf|onnx|peft --out DIR [--dtype f32|f16|bf16|q8_0|q4_0]
     weightsmith quantize RUN_DIR --method int8|int4|gptq-int4 [--group-size 64] --out DIR
     weightsmith models [PATTERN]
+    weightsmith report RUN_DIR [--out DIR]
+    weightsmith compare RUN_DIR RUN_DIR [...] --out DIR
+    weightsmith sweep RECIPE --param KEY=SPEC [--param ...] --trials N --out DIR [--metric M] [--prune]
+                      [--section.key=value ...]
     weightsmith inspect MODEL [--batch-size B] [--seq-len T] [--dtype D] [--optimizer adamw|sgd] [--json]
                               [--sampler S --steps N --guidance W] [--model.key=value ...]
     weightsmith --version
 
-Dotted overrides (``--section.key=value``) are taken by prepare, train and inspect only; the other
+Dotted overrides (``--section.key=value``) are taken by prepare, train, sweep and inspect only; the other
 subcommands reject them. Errors a user can cause, bad arguments included, print one line,
 ``error: ...``, and exit with status 2.
 """
@@ -31,7 +35,7 @@ from collections.abc import Callable
 from weightsmith import __version__
 from weightsmith.errors import TrainingInterrupted, WeightsmithError
 
-OVERRIDE_COMMANDS = ("prepare", "train", "inspect")
+OVERRIDE_COMMANDS = ("prepare", "train", "inspect", "sweep")
 
 OVERRIDES_HELP = """\
 overrides:
@@ -81,6 +85,20 @@ examples:
 examples:
   weightsmith models
   weightsmith models 'llama*'""",
+    "report": """\
+examples:
+  weightsmith report runs/tiny                    # runs/tiny/report/index.html (self-contained) + report.md
+  weightsmith report runs/tiny --out reports/tiny""",
+    "compare": """\
+example:
+  weightsmith compare runs/adamw runs/muon runs/lion --out reports/optimizers""",
+    "sweep": """\
+examples:
+  weightsmith sweep recipes/tiny.toml --param train.lr=log:1e-4:1e-2 --trials 8 --out sweeps/tiny-lr
+  weightsmith sweep recipes/tiny.toml --param train.lr=log:1e-4:1e-2 --param model.n_layers=int:1:4 \\
+      --param train.schedule=choice:cosine,wsd --trials 20 --prune --out sweeps/tiny --train.max_steps=200
+  weightsmith sweep recipes/tiny.toml --param train.lr=log:1e-4:1e-2 --trials 16 --out sweeps/tiny-lr  # resumes
+param specs: log:LO:HI (log-uniform float), float:LO:HI, int:LO:HI, choice:A,B,C (values read as TOML)""",
     "inspect": """\
 examples:
   weightsmith inspect gpt2 --seq-len 512 --batch-size 8 --dtype bf16
@@ -91,6 +109,7 @@ examples:
 OVERRIDES_NOTE = {
     "prepare": OVERRIDES_HELP + "\n  e.g. --data.vocab_size=512; only the [data] section matters here.",
     "train": OVERRIDES_HELP + "\n  e.g. --train.lr=3e-4 --model.n_layers=4; --print-config shows the result.",
+    "sweep": OVERRIDES_HELP + "\n  they apply to every trial, e.g. --train.max_steps=200; --param values win.",
     "inspect": "overrides:\n  --model.key=value sets a [model] field, e.g. --model.n_layers=4 (no other sections).",
 }
 
@@ -130,7 +149,7 @@ def _split_overrides(extra: list[str], command: str) -> list[str]:
         raise _UsageError(f"unrecognized arguments: {' '.join(bad)}{hint} (see 'weightsmith {command} --help')")
     if extra and command not in OVERRIDE_COMMANDS:
         raise _UsageError(f"{command} takes no --section.key overrides; only prepare, train and inspect take "
-                          f"them (got {' '.join(extra)})")
+                          f"them, and sweep for its trials (got {' '.join(extra)})")
     return extra
 
 
@@ -278,6 +297,35 @@ def _cmd_models(args, overrides) -> int:
     return 0
 
 
+def _cmd_report(args, overrides) -> int:
+    """A run's report: curves, eval table, events, samples, config (HTML with inlined PNGs, and Markdown)."""
+    from weightsmith.report import write_report
+
+    print(f"report: {write_report(args.run_dir, args.out)}")
+    return 0
+
+
+def _cmd_compare(args, overrides) -> int:
+    """Several runs' curves overlaid, their final numbers and their config differences, as one report."""
+    from weightsmith.report import write_compare
+
+    print(f"report: {write_compare(args.run_dirs, args.out)}")
+    return 0
+
+
+def _cmd_sweep(args, overrides) -> int:
+    """Hyperparameter search (Optuna TPE): one run directory per trial; resumable; best config written."""
+    from weightsmith.sweep import run_sweep
+
+    result = run_sweep(args.recipe, args.param, trials=args.trials, out=args.out, metric=args.metric,
+                       direction=args.direction, seed=args.seed, prune=args.prune, overrides=overrides)
+    best = result["best"]
+    print(f"sweep {args.out}: {len(result['trials'])} trials; best trial {best['number']} "
+          f"{result['metric']} {best['value']:.6g} with {best['params']} ({best['run_dir']})"
+          if best else f"sweep {args.out}: no trial completed")
+    return 0
+
+
 def _cmd_inspect(args, overrides) -> int:
     """Parameters, FLOPs and memory per module (the model is built on the meta device)."""
     from weightsmith.analysis.inspect import format_report, inspect_model
@@ -292,7 +340,7 @@ def _cmd_inspect(args, overrides) -> int:
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     parser = _Parser(prog="weightsmith", description=__doc__.split("\n")[0], formatter_class=_HelpFormatter,
                      epilog="Run 'weightsmith COMMAND --help' for a command's options, defaults and examples.\n"
-                            "prepare, train and inspect also take dotted overrides: --section.key=value,\n"
+                            "prepare, train, sweep and inspect also take dotted overrides: --section.key=value,\n"
                             "e.g. weightsmith train recipes/tiny.toml --train.lr=3e-4")
     parser.add_argument("--version", action="version", version=f"weightsmith {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -369,6 +417,30 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
 
     p = add("models", _cmd_models)
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'llama*'")
+
+    p = add("report", _cmd_report)
+    p.add_argument("run_dir", help="run directory written by train")
+    p.add_argument("--out", metavar="DIR", default=None, help="output directory (default: RUN_DIR/report)")
+
+    p = add("compare", _cmd_compare)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="two or more run directories")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory for index.html and the PNGs")
+
+    p = add("sweep", _cmd_sweep, "; dotted overrides allowed")
+    p.add_argument("recipe", help="recipe TOML file")
+    p.add_argument("--param", action="append", required=True, metavar="KEY=SPEC",
+                   help="a searched field, e.g. train.lr=log:1e-4:1e-2 (repeat for more)")
+    p.add_argument("--trials", type=int, required=True, metavar="N",
+                   help="total trials in the study (a rerun with the same --out adds only the missing ones)")
+    p.add_argument("--out", required=True, metavar="DIR", help="sweep directory: study.db, sweep.json, trial_K/")
+    p.add_argument("--metric", default=None, metavar="KEY",
+                   help="eval.json key to optimize (default: the task's: val_bpb, val_acc, val_loss...)")
+    p.add_argument("--direction", default=None, choices=["minimize", "maximize"],
+                   help="default: maximize for *acc*, minimize otherwise")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the TPE sampler")
+    p.add_argument("--prune", action="store_true",
+                   help="stop trials whose validation rows fall below the median of earlier trials' "
+                        "(Optuna MedianPruner)")
 
     p = add("inspect", _cmd_inspect, "; --model.key=value overrides allowed")
     p.add_argument("model", help="preset or family name, recipe TOML, or run directory")

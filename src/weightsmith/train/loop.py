@@ -131,11 +131,13 @@ def resolve_run_dir(recipe_name: str, out: str | Path | None, resume: bool) -> P
 
 
 def train(recipe_path: str | Path, overrides: list[str] | None = None, *, out: str | Path | None = None,
-          resume: bool = False, log=print) -> Path:
+          resume: bool = False, log=print, on_eval=None) -> Path:
     """Prepare data, train, evaluate and sample; returns the run directory.
 
     With ``resume``, the run's saved ``config.toml`` is used (plus ``overrides``) and training continues
-    from its newest checkpoint that verifies.
+    from its newest checkpoint that verifies. ``on_eval(step, result)`` is called after every quick
+    evaluation (the validation row of metrics.jsonl, without ``step``); when it returns True training
+    stops there, as at ``max_steps`` (checkpoint, final eval, artifacts): sweeps prune trials with it.
     """
     from weightsmith.recipe import load_recipe, recipe_from_tree
 
@@ -146,7 +148,7 @@ def train(recipe_path: str | Path, overrides: list[str] | None = None, *, out: s
             tree = apply_overrides(load_toml(run_dir / "config.toml"), overrides or [])
             recipe = recipe_from_tree(tree, name=recipe.name)
             log(f"resuming {run_dir} with its saved config.toml")
-        return run_training(recipe, run_dir, resume=resume, log=log)
+        return run_training(recipe, run_dir, resume=resume, log=log, on_eval=on_eval)
 
 
 class _StopSignals:
@@ -197,7 +199,7 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> Path:
+def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print, on_eval=None) -> Path:
     """Train ``recipe``'s model with its task into ``run_dir``; returns ``run_dir``.
 
     The task (weightsmith.tasks) prepares the data, fills in the model fields the data decides, makes
@@ -439,6 +441,9 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print) -> P
                     metrics.flush()
                     if tb is not None:
                         tb.add({"step": step, **result}, "val")
+                    if on_eval is not None and on_eval(step, result):
+                        stop_reason = "on_eval"
+                        break
                     bar.write(f"step {step}: loss {loss_val:.4f}, {task.describe_eval(result)}, lr {lr:.2e}")
             if step % tc.ckpt_every == 0 and step < tc.max_steps:
                 checkpoint()

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from test_distributed import run, setup  # noqa: F401  (setup is a fixture)
 from test_trainer import _recipe
 
 from weightsmith.train.faults import ENV
@@ -70,3 +71,14 @@ def test_a_rewind_purges_the_rewound_steps_from_tensorboard_too(tmp_path, tiny_c
     for tag in want:
         assert got[tag] == want[tag], tag
     assert [s for s, _ in got["train/loss"]] == list(range(1, 13))  # once each, though 5-8 were logged twice
+
+
+@pytest.mark.dist
+def test_under_torchrun_only_rank_0_writes_events(setup):  # noqa: F811
+    proc = run(setup, "ddp-tb", "--train.parallel=ddp", "--train.tensorboard=true", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = setup[0] / "ddp-tb"
+    assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1
+    got, want = _read_tb(run_dir), _expected(run_dir)
+    assert set(got) == set(want) and all(got[t] == want[t] for t in want)
+    assert [s for s, _ in got["train/loss"]] == list(range(1, 7))

@@ -67,7 +67,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank
-        device = base_weight(base).device
+        device = next(t for t in (*base.parameters(), *base.buffers())).device
         dtype = dtype or torch.float32
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))

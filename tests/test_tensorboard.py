@@ -82,3 +82,17 @@ def test_under_torchrun_only_rank_0_writes_events(setup):  # noqa: F811
     got, want = _read_tb(run_dir), _expected(run_dir)
     assert set(got) == set(want) and all(got[t] == want[t] for t in want)
     assert [s for s, _ in got["train/loss"]] == list(range(1, 7))
+
+
+def test_a_resume_purges_the_steps_logged_after_its_checkpoint(tmp_path, tiny_corpus, cache_dir):
+    import shutil
+
+    recipe = _recipe(tmp_path, tiny_corpus, steps=8, ckpt_every=4)
+    args = ["--train.tensorboard=true", "--train.keep_checkpoints=0"]
+    run = train(recipe, args, out=tmp_path / "run", log=QUIET)
+    shutil.rmtree(run / "checkpoints" / "step_000008")  # as if killed after logging steps 5-8, before saving 8
+    train(recipe, args, out=run, resume=True, log=QUIET)
+    got, want = _read_tb(run), _expected(run)
+    assert set(got) == set(want) and all(got[t] == want[t] for t in want)
+    assert [s for s, _ in got["train/loss"]] == list(range(1, 9))  # steps 5-8 once, not twice
+    assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 2

@@ -13,11 +13,13 @@ from io import BytesIO
 import pytest
 from PIL import Image
 from test_cli import one_line
+from test_tasks_classification import _tree, folder  # noqa: F401  (folder is a fixture)
 from test_trainer import _recipe
 
 from weightsmith.cli import main
+from weightsmith.recipe import recipe_from_tree
 from weightsmith.report import config_diff, load_run_record, write_compare, write_report
-from weightsmith.train.loop import _read_metrics, train
+from weightsmith.train.loop import _read_metrics, run_training, train
 
 QUIET = lambda *a: None  # noqa: E731
 
@@ -126,6 +128,24 @@ def test_a_classifier_run_shows_its_confusion_matrix(runs, tmp_path):
     assert inlined.size == (31, 17) and inlined.getpixel((0, 0)) == (200, 10, 10)
     assert "<h2>Confusion matrix (test split)</h2>" in (run / "report" / "index.html").read_text()
     assert "![confusion matrix (test split)](../confusion.png)" in (run / "report" / "report.md").read_text()
+
+
+def test_a_real_classifier_report_has_val_acc_curves_per_class_numbers_and_the_confusion_matrix(
+        tmp_path, folder, cache_dir):  # noqa: F811
+    run = run_training(recipe_from_tree(_tree(folder, max_steps=20, eval_every=5)), tmp_path / "clf",
+                       log=lambda *a: None)
+    doc = _parse(write_report(run))
+    ev = json.loads((run / "eval.json").read_text())
+    table = dict(doc.tables["eval"])
+    for cls in ("hbars", "square", "vbars"):
+        assert float(table[f"test_per_class_acc.{cls}"]) == pytest.approx(ev["test_per_class_acc"][cls], rel=1e-5)
+    assert float(table["test_acc"]) == pytest.approx(ev["test_acc"], rel=1e-5)
+    assert Image.open(run / "report" / "val.png").format == "PNG"  # val_acc, beside the val_loss curve
+    assert Image.open(run / "report" / "throughput.png").format == "PNG"  # img_per_s
+    confusion = (run / "confusion.png").read_bytes()
+    assert f'src="data:image/png;base64,{base64.b64encode(confusion).decode()}"' in (run / "report" / "index.html"
+                                                                                      ).read_text()
+    assert len(doc.imgs) == 6  # loss, val, lr, grad_norm, throughput, confusion
 
 
 def test_compare_tables_the_final_numbers_and_exactly_the_differing_config_fields(runs, tmp_path):

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from weightsmith.errors import CheckpointError, ConfigError
-from weightsmith.models.layers.lora import DoRALinear, LoRALinear, base_weight
+from weightsmith.models.layers.lora import DoRALinear, LoRALinear, base_weight, is_dense_linear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -107,10 +107,10 @@ def apply_adapters(model: nn.Module, cfg: Any) -> nn.Module:
     targets = target_linears(model, list(cfg.target_modules))
     if cfg.method == "qlora":
         nf4 = _nf4_class()
-        frozen = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")]
+        frozen = [n for n, m in model.named_modules() if is_dense_linear(m) and n.startswith("blocks.")]
         for n in dict.fromkeys(targets + (frozen if cfg.quantize_frozen else [])):
             lin = model.get_submodule(n)
-            if isinstance(lin, nn.Linear):
+            if is_dense_linear(lin):
                 _set_module(model, n, nf4.from_linear(lin))
     for p in model.parameters():
         p.requires_grad_(False)
@@ -149,7 +149,7 @@ def unmerge(model: nn.Module) -> None:
 
 def _dense_linear(base: nn.Module) -> nn.Linear:
     """``base`` as an ``nn.Linear`` (a quantized base is dequantized: its rounding error stays)."""
-    if isinstance(base, nn.Linear):
+    if is_dense_linear(base):
         return base
     w = base_weight(base).detach()
     lin = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=w.device, dtype=w.dtype)

@@ -43,10 +43,24 @@ from torch import nn
 
 
 def base_weight(base: nn.Module) -> torch.Tensor:
-    """The dense weight (out_features, in_features) of a base linear: ``weight`` or ``dequantized_weight()``."""
-    if hasattr(base, "dequantized_weight"):
-        return base.dequantized_weight()
-    return base.weight
+    """The dense weight (out_features, in_features) of a base linear: ``dequantized_weight()`` or
+    ``dequantize()`` of a quantized one, else ``weight`` of an ``nn.Linear``, else read off the module
+    itself as ``(base(I) - bias)^T`` (exact for any ``F.linear``-like module, one (in, in) forward)."""
+    for name in ("dequantized_weight", "dequantize"):
+        if callable(getattr(base, name, None)):
+            return getattr(base, name)()
+    if isinstance(getattr(base, "weight", None), torch.Tensor) and base.weight.dim() == 2:
+        return base.weight
+    ref = next(t for t in (*base.parameters(), *base.buffers()) if t.is_floating_point())
+    eye = torch.eye(base.in_features, device=ref.device, dtype=torch.float32)
+    y = base(eye)
+    return (y if base.bias is None else y - base.bias).T
+
+
+def is_dense_linear(m: nn.Module) -> bool:
+    """An ``nn.Linear`` holding a float weight (not a quantized layer that subclasses it)."""
+    return isinstance(m, nn.Linear) and not any(callable(getattr(m, n, None))
+                                                for n in ("dequantized_weight", "dequantize"))
 
 
 class LoRALinear(nn.Module):
@@ -106,7 +120,7 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def _dense_base(self) -> torch.Tensor:
-        if not isinstance(getattr(self.base, "weight", None), torch.Tensor) or hasattr(self.base, "dequantized_weight"):
+        if not is_dense_linear(self.base):
             raise TypeError(f"cannot merge into a {type(self.base).__name__} in place; dequantize it first")
         return self.base.weight.data
 

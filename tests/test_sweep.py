@@ -6,6 +6,7 @@ import json
 
 import pytest
 from test_cli import one_line
+from test_tasks_classification import _tree, folder  # noqa: F401  (folder is a fixture)
 from test_trainer import _recipe
 
 from weightsmith.cli import main
@@ -135,3 +136,17 @@ def test_cli_sweep_passes_overrides_to_every_trial_and_prints_the_best(tmp_path,
     assert printed.startswith(f"sweep {out}: 1 trials; best trial 0 val_loss {ev['val_loss']:.6g} with")
     assert max(r["step"] for r in _read_metrics(out / "trial_0" / "metrics.jsonl")) == 4
     assert json.loads((out / "sweep.json").read_text())["best"]["value"] == ev["val_loss"]
+
+
+def test_a_classifier_sweep_maximizes_val_acc_and_reports_it_for_pruning(tmp_path, folder, cache_dir):  # noqa: F811
+    from weightsmith.config import dump_toml
+
+    recipe = tmp_path / "clf.toml"
+    recipe.write_text(dump_toml(_tree(folder, max_steps=10, eval_every=5)))
+    out = tmp_path / "sw"
+    res = run_sweep(recipe, ["train.lr=log:1e-3:1e-2"], trials=1, out=out, prune=True, log=QUIET)
+    assert (res["metric"], res["direction"]) == ("val_acc", "maximize")
+    ev = json.loads((out / "trial_0" / "eval.json").read_text())
+    assert res["best"]["value"] == ev["val_acc"]
+    rows = [r for r in _read_metrics(out / "trial_0" / "metrics.jsonl") if "val_acc" in r]
+    assert _study(out).trials[0].intermediate_values == {5: rows[0]["val_acc"]}

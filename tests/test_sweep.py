@@ -150,3 +150,33 @@ def test_a_classifier_sweep_maximizes_val_acc_and_reports_it_for_pruning(tmp_pat
     assert res["best"]["value"] == ev["val_acc"]
     rows = [r for r in _read_metrics(out / "trial_0" / "metrics.jsonl") if "val_acc" in r]
     assert _study(out).trials[0].intermediate_values == {5: rows[0]["val_acc"]}
+
+
+def test_ctrl_c_in_a_trial_stops_the_sweep_and_a_rerun_runs_that_point_again(tmp_path, recipe, monkeypatch):
+    import weightsmith.train.loop as loop
+    from weightsmith.errors import TrainingInterrupted
+
+    real, calls = loop.train, []
+
+    def train(*args, **kw):  # the second trial is interrupted (as SIGINT makes the trainer raise)
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise TrainingInterrupted("SIGINT at step 3: checkpoint written", exit_code=130)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(loop, "train", train)
+    out = tmp_path / "sw"
+    with pytest.raises(TrainingInterrupted, match="rerun the same `weightsmith sweep` command") as e:
+        _sweep(out, recipe, 3)
+    assert e.value.exit_code == 130
+    monkeypatch.setattr(loop, "train", real)
+    res = _sweep(out, recipe, 3)
+    assert [(t["number"], t["state"]) for t in res["trials"]] == [(0, "complete"), (1, "fail"), (2, "complete"),
+                                                                  (3, "complete")]
+    assert res["trials"][1]["rerun"] and res["trials"][2]["params"] == res["trials"][1]["params"]
+    assert res["best"]["number"] != 1
+
+
+def test_a_metric_missing_from_eval_json_is_one_line(tmp_path, recipe, capsys):
+    one_line(capsys, "sweep", str(recipe), "--param", "train.lr=log:1e-4:1e-2", "--trials", "1", "--out",
+             str(tmp_path / "sw"), "--metric", "val_nope", needles=("val_nope", "val_bpb"))

@@ -145,9 +145,12 @@ def run_sweep(recipe_path: str | Path, param_specs: list[str], *, trials: int, o
     if trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {trials}")
     base = list(overrides or [])
-    # every searched key must be a recipe field: build the recipe once at each param's first value
-    probe = [_override(p.key, p.choices[0] if p.kind == "choice" else p.low) for p in params]
-    recipe = load_recipe(recipe_path, base + probe)
+    recipe = load_recipe(recipe_path, base)
+    for p in params:  # every searched key must be a recipe field: build the recipe at the param's first value
+        try:
+            load_recipe(recipe_path, base + [_override(p.key, p.choices[0] if p.kind == "choice" else p.low)])
+        except ConfigError as e:
+            raise ConfigError(f"--param {p.spec!r}: {e}") from None
     metric = metric or DEFAULT_METRICS.get(recipe.task_name, "val_loss")
     direction = direction or ("maximize" if "acc" in metric else "minimize")
     settings = {"recipe": str(recipe_path), "params": [p.spec for p in params], "overrides": base,

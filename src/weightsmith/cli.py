@@ -109,7 +109,7 @@ examples:
 OVERRIDES_NOTE = {
     "prepare": OVERRIDES_HELP + "\n  e.g. --data.vocab_size=512; only the [data] section matters here.",
     "train": OVERRIDES_HELP + "\n  e.g. --train.lr=3e-4 --model.n_layers=4; --print-config shows the result.",
-    "sweep": OVERRIDES_HELP + "\n  they apply to every trial, e.g. --train.max_steps=200; --param values win.",
+    "sweep": OVERRIDES_HELP + "\n  They apply to every trial, e.g. --train.max_steps=200; --param values win.",
     "inspect": "overrides:\n  --model.key=value sets a [model] field, e.g. --model.n_layers=4 (no other sections).",
 }
 

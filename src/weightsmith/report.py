@@ -7,8 +7,9 @@ The output directory gets:
 
 - ``index.html``: one self-contained page (the PNGs inlined as ``data:`` URIs; no script, no network);
 - ``report.md``: the same tables as Markdown, linking the PNGs beside it;
-- the PNG plots (matplotlib, Agg): ``loss.png`` (train loss and the validation losses, against the
-  optimizer step, with skip and rewind events as vertical lines), ``val.png`` (other validation
+- the PNG plots (matplotlib, Agg): ``loss.png`` (train loss and the validation losses against the
+  optimizer step, eval.json's whole-split ``val_loss`` as a star at the last step, skip and rewind
+  events as vertical lines), ``val.png`` (other validation
   metrics, e.g. ``val_acc``), ``lr.png``, ``grad_norm.png`` (``grad_norm_total``, before clipping) and
   ``throughput.png`` (the task's units per second: ``tok_per_s``, ``img_per_s``).
 
@@ -224,6 +225,10 @@ def make_plots(records: list[RunRecord], out_dir: Path) -> dict[str, Path]:
                 style = dict(marker="o", linestyle="--") if is_val else {}
                 ax.plot(xs, ys, label=label(rec, key if name == "throughput" else what),
                         color=color or f"C{j}", **style)
+                n += 1
+            if name == "loss" and rec.train and isinstance((rec.eval or {}).get("val_loss"), int | float):
+                ax.plot([rec.train[-1]["step"]], [rec.eval["val_loss"]], marker="*", markersize=11, linestyle="",
+                        color=color or "C3", label=label(rec, "val_loss (eval.json, whole split)"))
                 n += 1
             if name == "loss":
                 for ev in rec.events:

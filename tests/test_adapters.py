@@ -433,3 +433,119 @@ def test_bad_adapter_sections_are_one_line_errors(tmp_path, tiny_corpus, capsys,
     assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+# ------------------------------------------------------------------------------------------ QLoRA
+
+
+def _nf4():
+    return pytest.importorskip("weightsmith.models.layers.nf4").NF4Linear
+
+
+def test_qlora_wraps_nf4_bases_with_fp32_adapters_and_merges_to_the_same_logits():
+    NF4Linear = _nf4()
+    model = _gpt()
+    apply_adapters(model, AdapterConfig(method="qlora", rank=2, alpha=4.0, target_modules=["q_proj", "v_proj"]))
+    for name, m in model.named_modules():
+        if name.endswith(("q_proj", "v_proj")):
+            assert isinstance(m, LoRALinear) and isinstance(m.base, NF4Linear), name
+            assert m.lora_A.dtype == m.lora_B.dtype == torch.float32
+        elif name.startswith("blocks.") and name.endswith(("k_proj", "o_proj", "gate", "up", "down")):
+            assert isinstance(m, NF4Linear), name  # quantize_frozen: every other linear in the blocks
+    assert type(model.lm_head) is nn.Linear
+    assert trainable_parameters(model) == 2 * (2 * (16 + 16) + 2 * (16 + 8))  # 2 blocks: q 16->16, v 16->8
+    _randomize(model)
+    idx = torch.randint(0, 37, (2, 9))
+    y = model(idx)
+    # the same computation by hand: each NF4 layer as a float linear of its dequantized weight
+    from weightsmith.models.layers.lora import base_weight
+
+    for name, m in model.named_modules():
+        if isinstance(m, NF4Linear):
+            torch.testing.assert_close(m(torch.eye(m.in_features)), base_weight(m).T + (0 if m.bias is None else m.bias))
+    merge_adapters(model)
+    assert not any(isinstance(m, NF4Linear) for m in model.modules())
+    torch.testing.assert_close(model(idx), y, rtol=0, atol=1e-5)
+
+
+def test_qlora_state_dict_round_trips_and_inspect_counts_the_real_nf4_bytes(tmp_path):
+    NF4Linear = _nf4()
+    from weightsmith.analysis.inspect import inspect_model
+
+    cfg = AdapterConfig(method="qlora", rank=2, alpha=4.0, target_modules=["q_proj", "mlp.down"])
+    model = apply_adapters(_gpt(d_model=64, d_ff=128, n_heads=4, n_kv_heads=2), cfg)
+    _randomize(model)
+    idx = torch.randint(0, 37, (2, 9))
+    y = model(idx)
+    torch.manual_seed(123)  # other random base weights: the loaded state must replace them all
+    from weightsmith.registry import create_model
+
+    other = apply_adapters(create_model("gpt", vocab_size=37, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                        d_ff=128, max_seq_len=16, tie_embeddings=False), cfg)
+    other.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(other(idx), y, rtol=0, atol=0)
+    real = sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, NF4Linear)
+               for b in (*m.buffers(recurse=True), *m.parameters(recurse=False)) if not b.is_floating_point()
+               or b.dim() <= 1 and b is not getattr(m, "bias", None))
+    recipe = tmp_path / "q.toml"
+    recipe.write_text('[model]\nfamily = "gpt"\nvocab_size = 37\nd_model = 64\nn_layers = 2\nn_heads = 4\n'
+                      'n_kv_heads = 2\nd_ff = 128\nmax_seq_len = 16\ntie_embeddings = false\n'
+                      '[adapter]\nmethod = "qlora"\nrank = 2\nalpha = 4.0\ntarget_modules = ["q_proj", "mlp.down"]\n')
+    a = inspect_model(str(recipe), batch_size=2, seq_len=9)["adapter"]
+    assert a["params_trainable"] == trainable_parameters(model)
+    assert a["memory_nf4_bytes"] == pytest.approx(real, rel=0.02), (a["memory_nf4_bytes"], real)
+
+
+class _StandInNF4(nn.Module):
+    """A 4-bit stand-in with NF4Linear's interface (from_linear, in/out_features, bias, forward =
+    F.linear of the dequantized weight): tests the qlora wiring whatever the real NF4 layer does."""
+
+    def __init__(self, in_features, out_features, bias, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("absmax", torch.ones(out_features, 1, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, lin):
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.device)
+        m.absmax.copy_(lin.weight.abs().amax(1, keepdim=True).clamp_min(1e-8))
+        m.codes.copy_(torch.round(lin.weight / m.absmax * 7).to(torch.int8))
+        if lin.bias is not None:
+            m.bias.copy_(lin.bias)
+        return m
+
+    def dequantized_weight(self):
+        return self.codes.float() / 7 * self.absmax
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
+
+@pytest.mark.slow  # about 20 s on 2 busy cores: a training run, an HF export
+def test_qlora_run_trains_only_the_adapters_on_a_frozen_4bit_base(tmp_path, tiny_corpus, monkeypatch):
+    import weightsmith.adapters as adapters_mod
+    from weightsmith.cli import main
+    from weightsmith.train.checkpoint import load_run
+
+    monkeypatch.setattr(adapters_mod, "_nf4_class", lambda: _StandInNF4)
+    monkeypatch.setenv("WEIGHTSMITH_CACHE", str(tmp_path / "cache"))
+    recipe = tmp_path / "q.toml"
+    recipe.write_text(RUN_RECIPE.format(corpus=tiny_corpus, method="qlora").replace("max_steps = 6", "max_steps = 4")
+                      .replace("ckpt_every = 3", "ckpt_every = 2"))
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    first, last = _ckpt_sd(tmp_path / "run", 2), _ckpt_sd(tmp_path / "run", 4)
+    codes = [k for k in last if k.endswith(".codes")]
+    assert len(codes) == 2 * 7  # every linear of both blocks is 4-bit (quantize_frozen)
+    for key, t in last.items():
+        moved = not torch.equal(t, first[key])
+        assert moved == (key.rsplit(".", 1)[-1] in ("lora_A", "lora_B")), key
+    run = load_run(tmp_path / "run")
+    assert all(isinstance(m.base, _StandInNF4) for _, m in adapter_modules(run.model))
+    assert main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    idx = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, run.model(idx), rtol=0, atol=1e-4)

@@ -42,10 +42,16 @@ def matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
 
 
+def _is_quantized_linear(m: nn.Module) -> bool:
+    """A frozen quantized linear (NF4Linear): in/out features and a dequantized dense weight."""
+    return (not isinstance(m, LoRALinear) and hasattr(m, "in_features")
+            and any(callable(getattr(m, n, None)) for n in ("dequantized_weight", "dequantize")))
+
+
 def _is_linear(m: nn.Module) -> bool:
     if isinstance(m, LoRALinear):
         return False
-    return isinstance(m, nn.Linear) or type(m).__name__ == "NF4Linear"
+    return isinstance(m, nn.Linear) or _is_quantized_linear(m)
 
 
 def target_linears(model: nn.Module, patterns: list[str]) -> list[str]:
@@ -172,7 +178,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
         m.merge()
         _set_module(model, name, lin)
     for name, m in list(model.named_modules()):
-        if type(m).__name__ == "NF4Linear":
+        if _is_quantized_linear(m):
             _set_module(model, name, _dense_linear(m))
     for p in model.parameters():
         p.requires_grad_(True)

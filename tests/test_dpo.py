@@ -211,7 +211,8 @@ def test_sft_loss_is_cross_entropy_on_the_continuation_only():
     assert float(loss.detach()) == pytest.approx(float(sum(ce)) / sum(len(p.chosen) for p in pairs), abs=1e-5)
     changed = [PreferencePair([(t + 1) % 11 for t in p.prompt[:-1]] + p.prompt[-1:], p.chosen, p.rejected, p.kind)
                for p in pairs]  # another prompt changes the loss: it conditions, though it is not a target
-    assert float(task.loss(pol, collate(changed, "cpu", rejected=False))[0]) != pytest.approx(float(loss))
+    other = task.loss(pol, collate(changed, "cpu", rejected=False))[0].detach()
+    assert float(other) != pytest.approx(float(loss.detach()))
 
 
 def test_tasks_are_registered_for_causal_lm_families():
@@ -257,3 +258,22 @@ def test_run_writes_eval_and_resumes_exactly(tmp_path, cache_dir, verse_corpus, 
     b = load_file(list_checkpoints(cut)[-1] / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((cut / "eval.json").read_text())["kl_to_ref"] == pytest.approx(result["kl_to_ref"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_bench_runs_at_tiny_size(tmp_path, cache_dir, verse_corpus):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_dpo", "bench/dpo.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sets = [a[2:] for a in _args(verse_corpus, "dpo", 4) if not a.startswith("--task.name")]
+    out = tmp_path / "dpo.md"
+    assert bench.main(["--init", "none", "--time", "60", "--dpo-recipe", "recipes/tiny.toml", "--sft-recipe",
+                       "recipes/tiny.toml", "--workdir", str(tmp_path / "work"), "--out", str(out),
+                       *[x for s in sets for x in ("--set", s)]]) == 0
+    got = json.loads(out.with_suffix(".json").read_text())
+    rows = got["results"]
+    assert set(rows) == {"untouched", "sft", "dpo"} and rows["dpo"]["steps"] == rows["sft"]["steps"] == 4
+    assert rows["untouched"]["property_rate"] == rows["dpo"]["ref_property_rate"] == rows["sft"]["ref_property_rate"]
+    assert "| dpo |" in out.read_text() and "Bar (" in out.read_text()

@@ -34,6 +34,7 @@ Final evaluation (``eval.json``), on the held-out pairs (cut from the last 10% o
   ``sample_temperature``, no top-k/top-p, ``max_continuation_tokens`` tokens, weightsmith.ship.generate)
   from held-out prompts whose decoded text has the property
   (:func:`weightsmith.data.preference.has_property`); ``ref_property_rate``: the same with the reference;
+- ``val_bpb`` and ``ref_val_bpb``: bits per byte over the corpus' validation split (what alignment cost);
 - ``kl_to_ref``: mean per-token KL(pi || pi_ref) in nats/token over those sampled continuations: at each
   continuation position the exact KL of the two next-token distributions, summed over the vocabulary,
   averaged over positions and samples (an estimate of KL per token of the sequence distributions).
@@ -306,6 +307,22 @@ class PreferenceTask(TextTask):
         model.train(was)
         return out, texts
 
+    def forgetting(self, model: torch.nn.Module, device: str, autocast_dtype) -> dict[str, float]:
+        """``val_bpb`` (bits per byte over the whole validation split of the corpus, windows of
+        ``train.seq_len`` or ``max_seq_len`` tokens, as causal-lm reports it) of the policy and
+        ``ref_val_bpb`` of the reference: what the alignment cost the language model."""
+        from weightsmith.eval.metrics import evaluate_lm
+
+        out, tb = {}, self.tokenizer.token_bytes()
+        was = model.training
+        model.eval()
+        for who, net in (("", model), ("ref_", self.reference_for(model))):
+            r = evaluate_lm(net, self.data.val, tb, self.seq_len(net.config), self.train_cfg.eval_batch_size,
+                            device, autocast_dtype)
+            out[f"{who}val_bpb"] = r["val_bpb"]
+        model.train(was)
+        return out
+
     def evaluate(self, model, *, device, autocast_dtype):
         return self.pair_metrics(model, self.val_pairs[:self.cfg.eval_pairs], device)
 
@@ -320,6 +337,7 @@ class PreferenceTask(TextTask):
         result = {"heldout_pairs": len(self.val_pairs), **self.pair_metrics(model, self.val_pairs, device)}
         samples, texts = self.sample_metrics(model, device)
         result.update(samples, eval_samples=len(texts), sample_tokens=self.cfg.max_continuation_tokens)
+        result.update(self.forgetting(model, device, autocast_dtype))
         atomic_write_text(Path(run_dir) / "eval.json", json.dumps(result, indent=2))
         prompts = [self.tokenizer.decode(p.prompt) for p in self.val_pairs[:len(texts)]]
         atomic_write_text(Path(run_dir) / "samples.txt", "".join(

@@ -460,9 +460,10 @@ def test_qlora_wraps_nf4_bases_with_fp32_adapters_and_merges_to_the_same_logits(
     # the same computation by hand: each NF4 layer as a float linear of its dequantized weight
     from weightsmith.models.layers.lora import base_weight
 
-    for name, m in model.named_modules():
+    for m in model.modules():
         if isinstance(m, NF4Linear):
-            torch.testing.assert_close(m(torch.eye(m.in_features)), base_weight(m).T + (0 if m.bias is None else m.bias))
+            bias = 0 if m.bias is None else m.bias
+            torch.testing.assert_close(m(torch.eye(m.in_features)), base_weight(m).T + bias)
     merge_adapters(model)
     assert not any(isinstance(m, NF4Linear) for m in model.modules())
     torch.testing.assert_close(model(idx), y, rtol=0, atol=1e-5)

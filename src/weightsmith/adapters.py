@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from weightsmith.errors import CheckpointError, ConfigError
-from weightsmith.models.layers.lora import DoRALinear, LoRALinear, base_weight, is_dense_linear
+from weightsmith.models.layers.lora import DoRALinear, FrozenQuantLinear, LoRALinear, base_weight, is_dense_linear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -100,7 +100,9 @@ def apply_adapters(model: nn.Module, cfg: Any) -> nn.Module:
     Args:
         cfg: a :class:`weightsmith.recipe.AdapterConfig` (``method``, ``rank``, ``alpha``, ``dropout``,
             ``target_modules``, ``quantize_frozen``). ``qlora`` first replaces each target (and with
-            ``quantize_frozen`` every other linear under ``model.blocks``) by ``NF4Linear.from_linear``.
+            ``quantize_frozen`` every other linear under ``model.blocks``) by ``NF4Linear.from_linear``
+            inside a :class:`~weightsmith.models.layers.lora.FrozenQuantLinear`, whose backward
+            dequantizes W again instead of keeping it.
 
     Adapter weights are float32 on the base's device; B starts at zero, so the model's outputs are
     unchanged by the pass (exactly, for ``lora`` and ``dora``; up to NF4 rounding for ``qlora``).
@@ -116,8 +118,8 @@ def apply_adapters(model: nn.Module, cfg: Any) -> nn.Module:
         frozen = [n for n, m in model.named_modules() if is_dense_linear(m) and n.startswith("blocks.")]
         for n in dict.fromkeys(targets + (frozen if cfg.quantize_frozen else [])):
             lin = model.get_submodule(n)
-            if is_dense_linear(lin):
-                _set_module(model, n, nf4.from_linear(lin))
+            if is_dense_linear(lin):  # backward dequantizes again rather than keeping W (FrozenQuantLinear)
+                _set_module(model, n, FrozenQuantLinear(nf4.from_linear(lin)))
     for p in model.parameters():
         p.requires_grad_(False)
     for n in targets:
@@ -177,9 +179,11 @@ def merge_adapters(model: nn.Module) -> nn.Module:
             m.base = lin
         m.merge()
         _set_module(model, name, lin)
+    replaced: list[str] = []
     for name, m in list(model.named_modules()):
-        if _is_quantized_linear(m):
+        if _is_quantized_linear(m) and not any(name.startswith(r + ".") for r in replaced):
             _set_module(model, name, _dense_linear(m))
+            replaced.append(name)
     for p in model.parameters():
         p.requires_grad_(True)
     return model
@@ -346,12 +350,13 @@ NF4_BLOCK = 64  # weights per absmax scale (Dettmers et al. 2023)
 NF4_SCALE_BLOCK = 256  # first-level scales per second-level fp32 scale (double quantization)
 
 
-def nf4_bytes(n: int) -> float:
+def nf4_bytes(n: int) -> int:
     """Bytes of ``n`` weights stored as NF4 with double quantization (Dettmers et al. 2023, section 3):
-    4 bits per weight, one 8-bit absmax per block of 64, one fp32 scale per 256 of those (and one fp32
-    offset per tensor): n / 2 + ceil(n / 64) + 4 ceil(ceil(n / 64) / 256) + 4, about 4.127 bits per weight."""
+    4 bits per weight, one 8-bit absmax per block of 64, one fp32 scale per 256 of those and one fp32
+    mean per tensor: ceil(n / 2) + ceil(n / 64) + 4 ceil(ceil(n / 64) / 256) + 4, about 4.127 bits per
+    weight (NF4Linear's storage; tests compare it with ``NF4Linear.nbytes``)."""
     blocks = -(-n // NF4_BLOCK)
-    return n / 2 + blocks + 4 * -(-blocks // NF4_SCALE_BLOCK) + 4
+    return -(-n // 2) + blocks + 4 * -(-blocks // NF4_SCALE_BLOCK) + 4
 
 
 def adapter_cost(family: str, cfg: Any, adapter: Any, *, batch_size: int, seq_len: int, dtype: str,
@@ -388,7 +393,7 @@ def adapter_cost(family: str, cfg: Any, adapter: Any, *, batch_size: int, seq_le
         nf4_names |= {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")}
     qlora = adapter.method == "qlora"
     nf4_params = sum(model.get_submodule(n).weight.numel() for n in nf4_names) if qlora else 0
-    nf4_total = sum(nf4_bytes(model.get_submodule(n).weight.numel()) for n in nf4_names) if qlora else 0.0
+    nf4_total = sum(nf4_bytes(model.get_submodule(n).weight.numel()) for n in nf4_names) if qlora else 0
     apply_adapters(model, replace(adapter, method="dora" if adapter.method == "dora" else "lora"))
     trainable = trainable_parameters(model)
     analytic = sum(adapter.rank * (i + o) + (o if adapter.method == "dora" else 0) for i, o in shapes.values())

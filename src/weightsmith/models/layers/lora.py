@@ -57,6 +57,46 @@ def base_weight(base: nn.Module) -> torch.Tensor:
     return (y if base.bias is None else y - base.bias).T
 
 
+class _DequantizeAgain(torch.autograd.Function):
+    """``base(x)`` for a frozen quantized ``base``, keeping nothing but the layer for backward: the
+    dense W is rebuilt there for dx = dy W (bitsandbytes' MatMul4Bit does the same). Plain autograd
+    would keep every layer's dequantized W from forward to backward, as much memory as a float model."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        ctx.base, ctx.x_dtype = base, x.dtype
+        return base(x)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        w = base_weight(ctx.base).to(dy.dtype)  # (out_features, in_features)
+        return (dy @ w).to(ctx.x_dtype), None
+
+
+class FrozenQuantLinear(nn.Module):
+    """A frozen quantized linear (e.g. NF4Linear, kept as ``self.base``) whose backward dequantizes its
+    weight again instead of keeping it (see :class:`_DequantizeAgain`). Same forward as ``base``:
+    (..., in_features) -> (..., out_features); no parameter of it trains."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense weight (out_features, in_features), float32."""
+        return base_weight(self.base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _DequantizeAgain.apply(x, self.base)
+        return self.base(x)
+
+
 def is_dense_linear(m: nn.Module) -> bool:
     """An ``nn.Linear`` holding a float weight (not a quantized layer that subclasses it)."""
     return isinstance(m, nn.Linear) and not any(callable(getattr(m, n, None))

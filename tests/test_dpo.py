@@ -277,3 +277,31 @@ def test_bench_runs_at_tiny_size(tmp_path, cache_dir, verse_corpus):
     assert set(rows) == {"untouched", "sft", "dpo"} and rows["dpo"]["steps"] == rows["sft"]["steps"] == 4
     assert rows["untouched"]["property_rate"] == rows["dpo"]["ref_property_rate"] == rows["sft"]["ref_property_rate"]
     assert "| dpo |" in out.read_text() and "Bar (" in out.read_text()
+
+
+def _has_init_from() -> bool:
+    import dataclasses
+
+    from weightsmith.train.config import TrainConfig
+
+    return any(f.name == "init_from" for f in dataclasses.fields(TrainConfig))
+
+
+@pytest.mark.skipif(not _has_init_from(), reason="train.init_from is not in TrainConfig yet")
+def test_reference_is_the_init_run(tmp_path, cache_dir, verse_corpus):
+    """Started from a trained run, the reference is that run's model: its held-out metrics and val_bpb
+    are the init run's, and the policy's first step has loss log 2."""
+    from weightsmith.train.checkpoint import load_run
+
+    base = train("recipes/tiny.toml", [f"--data.corpus={verse_corpus}", "--train.max_steps=8",
+                                       "--model.max_seq_len=64", "--sample.max_new_tokens=1"],
+                 out=tmp_path / "base", **QUIET)
+    run = train("recipes/tiny.toml", _args(verse_corpus, "dpo", 3, f"--train.init_from={base}"),
+                out=tmp_path / "dpo", **QUIET)
+    result = json.loads((run / "eval.json").read_text())
+    assert result["ref_val_bpb"] == pytest.approx(json.loads((base / "eval.json").read_text())["val_bpb"], rel=1e-6)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 1 and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    init = load_run(base).model.state_dict()
+    after = load_run(run).model.state_dict()
+    assert any(not torch.equal(init[k], after[k]) for k in init)  # the policy moved, the reference did not

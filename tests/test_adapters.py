@@ -524,12 +524,14 @@ class _StandInNF4(nn.Module):
 
 
 @pytest.mark.slow  # about 20 s on 2 busy cores: a training run, an HF export
-def test_qlora_run_trains_only_the_adapters_on_a_frozen_4bit_base(tmp_path, tiny_corpus, monkeypatch):
+@pytest.mark.parametrize("nf4", ["real", "stand-in"])
+def test_qlora_run_trains_only_the_adapters_on_a_frozen_4bit_base(tmp_path, tiny_corpus, monkeypatch, nf4):
     import weightsmith.adapters as adapters_mod
     from weightsmith.cli import main
     from weightsmith.train.checkpoint import load_run
 
-    monkeypatch.setattr(adapters_mod, "_nf4_class", lambda: _StandInNF4)
+    cls = _nf4() if nf4 == "real" else _StandInNF4
+    monkeypatch.setattr(adapters_mod, "_nf4_class", lambda: cls)
     monkeypatch.setenv("WEIGHTSMITH_CACHE", str(tmp_path / "cache"))
     recipe = tmp_path / "q.toml"
     recipe.write_text(RUN_RECIPE.format(corpus=tiny_corpus, method="qlora").replace("max_steps = 6", "max_steps = 4")
@@ -542,7 +544,7 @@ def test_qlora_run_trains_only_the_adapters_on_a_frozen_4bit_base(tmp_path, tiny
         moved = not torch.equal(t, first[key])
         assert moved == (key.rsplit(".", 1)[-1] in ("lora_A", "lora_B")), key
     run = load_run(tmp_path / "run")
-    assert all(isinstance(m.base.base, _StandInNF4) for _, m in adapter_modules(run.model))
+    assert all(isinstance(m.base.base, cls) for _, m in adapter_modules(run.model))
     assert main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
     idx = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))

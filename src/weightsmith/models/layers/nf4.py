@@ -189,7 +189,10 @@ def nf4_quantize(w: torch.Tensor, block_size: int = 64, double_quant: bool = Tru
 
 def _blockwise_scale_up(values: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
     """``values[i] * scales[i // block]`` for flat ``values`` (n,) and ``scales`` (ceil(n / block),)."""
-    return values * scales.repeat_interleave(block)[: values.numel()]
+    n = values.numel()
+    if n % block == 0:  # whole blocks: broadcast instead of materializing n scales
+        return (values.view(-1, block) * scales.view(-1, 1)).view(n)
+    return values * scales.repeat_interleave(block)[:n]
 
 
 def dequantize_absmax(q: NF4Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from weightsmith.data.preference import (
 )
 from weightsmith.data.tokenizers import ByteTokenizer
 from weightsmith.errors import ConfigError, DataError
+from weightsmith.eval.run import evaluate_run
 from weightsmith.registry import create_model
 from weightsmith.tasks import get_task
 from weightsmith.tasks.preference import DPO, SFT, DPOConfig, PreferenceConfig, collate, dpo_loss, sequence_logprobs
@@ -258,6 +259,10 @@ def test_run_writes_eval_and_resumes_exactly(tmp_path, cache_dir, verse_corpus, 
     b = load_file(list_checkpoints(cut)[-1] / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((cut / "eval.json").read_text())["kl_to_ref"] == pytest.approx(result["kl_to_ref"], rel=1e-5)
+    # `weightsmith eval` rebuilds the task and finds the reference in the checkpoint: the same report
+    again = evaluate_run(full)
+    for key in ("kl_to_ref", "ref_property_rate", "ref_pref_acc", "property_rate", "ref_val_bpb"):
+        assert again[key] == pytest.approx(result[key], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -305,3 +310,16 @@ def test_reference_is_the_init_run(tmp_path, cache_dir, verse_corpus):
     init = load_run(base).model.state_dict()
     after = load_run(run).model.state_dict()
     assert any(not torch.equal(init[k], after[k]) for k in init)  # the policy moved, the reference did not
+
+
+def test_count_is_the_positions_read_and_cli_errors_are_one_line(tmp_path, cache_dir, verse_corpus, capsys):
+    from weightsmith.cli import main
+
+    pairs = _pairs(6)
+    batch = collate(pairs, "cpu")
+    assert DPO.for_contract_tests().count(batch) == sum(len(p.prompt) + len(c) - 1 for p in pairs
+                                                        for c in (p.chosen, p.rejected))
+    code = main(["train", "recipes/tiny.toml", "--out", str(tmp_path / "x"), f"--data.corpus={verse_corpus}",
+                 "--task.name=dpo", "--task.beta=0"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "task.beta" in err and len(err.splitlines()) == 1

@@ -199,7 +199,21 @@ class PreferenceTask(TextTask):
                            "train_sha256": pairs_digest(self.train_pairs), "val_sha256": pairs_digest(self.val_pairs)}
         if resume:
             self._check_same_pairs(run_dir)
+            self._reference_from_checkpoint(run_dir)
         log(f"preference pairs: {len(self.train_pairs):,} train, {len(self.val_pairs):,} held out")
+
+    def _reference_from_checkpoint(self, run_dir: Path) -> None:
+        """Stash the reference weights of ``run_dir``'s newest checkpoint, for ``weightsmith eval`` (a
+        resumed training run loads them again from the checkpoint it resumes from)."""
+        from weightsmith.errors import CheckpointError
+        from weightsmith.train.checkpoint import list_checkpoints, load_train_state
+
+        ckpts = list_checkpoints(run_dir)
+        if ckpts and (ckpts[-1] / "train_state.pt").is_file():
+            try:
+                self.load_state_dict(load_train_state(ckpts[-1]).get("task", {}))
+            except CheckpointError:
+                pass  # a torn newest checkpoint: training's recovery picks an intact one and restores from it
 
     def _check_same_pairs(self, run_dir: Path) -> None:
         path = Path(run_dir) / "manifest.json"
@@ -224,7 +238,10 @@ class PreferenceTask(TextTask):
                            self.uses_rejected)
 
     def count(self, batch) -> int:
-        return int(batch[1].sum())  # continuation tokens
+        """Positions the model reads in a micro-batch (prompt and continuation of every row, padding
+        excluded): what the FLOPs per token of :meth:`flops_per_unit` multiply."""
+        mask = batch[1]
+        return int((mask.shape[1] - mask.flip(-1).int().argmax(-1)).sum())
 
     # ---- the reference ----
     def reference_for(self, model: torch.nn.Module) -> torch.nn.Module:

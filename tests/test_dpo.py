@@ -323,3 +323,36 @@ def test_count_is_the_positions_read_and_cli_errors_are_one_line(tmp_path, cache
                  "--task.name=dpo", "--task.beta=0"])
     err = capsys.readouterr().err.strip()
     assert code != 0 and "task.beta" in err and len(err.splitlines()) == 1
+
+
+def test_kl_to_ref_equals_a_naive_sum_on_the_sampled_continuations():
+    from weightsmith.ship.generate import generate
+
+    torch.manual_seed(0)
+    pol = create_model("gpt", vocab_size=256, d_model=16, n_layers=1, n_heads=2, max_seq_len=32).eval()
+    ref = create_model("gpt", vocab_size=256, d_model=16, n_layers=1, n_heads=2, max_seq_len=32).eval()
+    task = DPO.for_contract_tests()
+    task.cfg = DPOConfig(max_continuation_tokens=5, eval_samples=3)
+    task.train_cfg.eval_batch_size = 2
+    task.data = type("D", (), {"tokenizer": ByteTokenizer()})()
+    g = random.Random(0)
+    task.val_pairs = [PreferencePair([g.randrange(256) for _ in range(4)], [65], [97], "lowercase") for _ in range(3)]
+    task.reference = ref
+    got, texts = task.sample_metrics(pol, "cpu")
+    # the same samples, drawn again with the same generator, and the KL summed by hand
+    gen = torch.Generator().manual_seed(task.cfg.seed)
+    total, n, hits = 0.0, 0, 0
+    for i in range(0, 3, 2):
+        x = torch.tensor([p.prompt for p in task.val_pairs[i:i + 2]])
+        seq = generate(pol, x, 5, temperature=1.0, generator=gen)
+        with torch.no_grad():
+            lp, lq = torch.log_softmax(pol(seq[:, :-1]), -1), torch.log_softmax(ref(seq[:, :-1]), -1)
+        for b in range(seq.shape[0]):
+            hits += has_property(ByteTokenizer().decode(seq[b, 4:].tolist()))
+            for t in range(3, 8):  # the positions that predict the 5 continuation tokens
+                total += sum(math.exp(lp[b, t, v]) * (float(lp[b, t, v]) - float(lq[b, t, v])) for v in range(256))
+                n += 1
+    assert got["kl_to_ref"] == pytest.approx(total / n, rel=1e-4) and got["kl_to_ref"] > 0
+    assert got["property_rate"] == hits / 3 and len(texts) == 3
+    task.reference = pol
+    assert task.sample_metrics(pol, "cpu")[0]["kl_to_ref"] == pytest.approx(0.0, abs=1e-6)

@@ -600,3 +600,30 @@ def test_qlora_keeps_no_dequantized_weight_for_backward_and_its_gradients_are_ex
     assert grads.keys() == {k for k in twin_grads}
     for k, g in grads.items():
         torch.testing.assert_close(g, twin_grads[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_training_mode_with_dropout_equals_peft_under_the_same_rng(tmp_path, method):
+    """One dropout mask per adapted layer, drawn in the same order, on the same input as peft's: the
+    adapter path sees dropout(x), DoRA's base correction W dropout(x) too, the base path x."""
+    from peft import PeftModel
+
+    hf = _hf_llama()
+    cfg, ours = _ours_from_hf(hf)
+    apply_adapters(ours, AdapterConfig(method=method, rank=2, alpha=5.0, dropout=0.3,
+                                       target_modules=["q_proj", "v_proj", "mlp.down"]))
+    _randomize(ours)
+    save_peft(ours, cfg, tmp_path / "adapter", dropout=0.3)
+    peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "adapter"), is_trainable=True)
+    ours.train()
+    peft_model.train()
+    idx = torch.randint(0, 37, (2, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.manual_seed(7)
+        mine = ours(idx)
+        torch.manual_seed(7)
+        theirs = peft_model(idx).logits
+        torch.manual_seed(8)
+        other_masks = ours(idx)
+    assert (mine - other_masks).abs().max() > 1e-2  # dropout is on
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)

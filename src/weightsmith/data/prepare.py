@@ -90,8 +90,11 @@ def _write_shard(ids: list[int], dtype: str, path: Path) -> dict:
     return {"file": path.name, "dtype": dtype, "tokens": int(arr.size), "sha256": sha256_file(path)}
 
 
-def prepare(cfg: DataConfig, *, force: bool = False, log=print) -> PreparedData:
+def prepare(cfg: DataConfig, *, force: bool = False, log=print, tokenizer: Tokenizer | None = None) -> PreparedData:
     """Prepare (or load from cache) the dataset described by ``cfg``. Idempotent.
+
+    ``tokenizer``, when given, is used as is instead of training one (``train.init_from``: the source
+    run's tokenizer); the cache key then holds its sha256 rather than ``cfg.tokenizer``/``vocab_size``.
 
     Raises:
         DataError: missing corpus, failed download, or a cached shard whose hash does not match its
@@ -101,8 +104,12 @@ def prepare(cfg: DataConfig, *, force: bool = False, log=print) -> PreparedData:
     corpus = load_corpus(cfg.corpus, root)
     settings = {"format": FORMAT_VERSION, "text_sha256": corpus.sha256, "tokenizer": cfg.tokenizer,
                 "vocab_size": cfg.vocab_size if cfg.tokenizer == "bpe" else None}
+    if tokenizer is not None:  # a fixed tokenizer: keyed by its content (existing keys stay unchanged)
+        canonical = json.dumps(tokenizer.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        settings.update(tokenizer=tokenizer.kind, vocab_size=None,
+                        fixed_tokenizer_sha256=hashlib.sha256(canonical.encode("utf-8")).hexdigest())
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    target = root / "data" / f"{corpus.name}-{cfg.tokenizer}-{key}"
+    target = root / "data" / f"{corpus.name}-{settings['tokenizer']}-{key}"
     if target.exists() and force:
         shutil.rmtree(target)
     if target.exists():
@@ -110,7 +117,7 @@ def prepare(cfg: DataConfig, *, force: bool = False, log=print) -> PreparedData:
 
     log(f"preparing {corpus.name}: {len(corpus.text):,} characters from {len(corpus.files)} file(s)")
     train_text, val_text = split_text(corpus.text)
-    tok = train_tokenizer(cfg.tokenizer, train_text, corpus.text, cfg.vocab_size)
+    tok = tokenizer or train_tokenizer(cfg.tokenizer, train_text, corpus.text, cfg.vocab_size)
     dtype = _dtype_for(tok.vocab_size)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))

@@ -73,8 +73,11 @@ class TextTask(Task):
 
     def setup(self, run_dir: Path, *, resume: bool, log=print) -> None:
         from weightsmith.data.prepare import prepare
+        from weightsmith.train.init_from import run_tokenizer
 
-        self.data = prepare(self.data_cfg, log=log)
+        # train.init_from: the source's tokenizer (the run's own on resume/eval), not a new one
+        fixed = run_tokenizer(self.train_cfg, self.data_cfg, run_dir, resume)
+        self.data = prepare(self.data_cfg, log=log, tokenizer=fixed)
         if resume:
             from weightsmith.runs import check_run_data
 

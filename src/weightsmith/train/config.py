@@ -88,6 +88,12 @@ class TrainConfig:
     dist_timeout: float = field(default=600.0, metadata={"doc": (
         "seconds a rank waits in a collective for the others before failing (the process group's "
         "timeout), so a run whose rank died stops instead of hanging")})
+    init_from: str | None = field(default=None, metadata={"doc": (
+        "start from these weights: a run directory of ours (newest checkpoint) or a local Hugging Face "
+        "directory (weightsmith.ship.hf_convert). The model config is the source's (a `[model]` key that "
+        "changes a weight shape is an error), the data is tokenized with the source's tokenizer instead "
+        "of a new one (`data.tokenizer` and, for bpe, `data.vocab_size` must match it), and step, "
+        "optimizer and schedule start fresh; manifest.json records the path and the weights' sha256")})
     tensorboard: bool = field(default=False, metadata={"doc": (
         "also write the metrics.jsonl numbers (and eval.json's) as TensorBoard scalars into RUN/tb/ "
         "(weightsmith.train.tb; rank 0 only; needs `pip install 'weightsmith[tb]'`)")})

@@ -222,7 +222,13 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print, on_e
     task = recipe.task_cls(recipe.task, recipe.data, tc, recipe.sample)
     dist.check_task(task)
     dist.main_first(lambda: task.setup(run_dir, resume=resume, log=log))  # rank 0 fills the data cache first
-    model_cfg = recipe.model_config(task.model_fields())
+    init = None  # train.init_from: the source's config and weights (weightsmith.train.init_from)
+    if tc.init_from:
+        from weightsmith.train.init_from import init_model
+
+        model_cfg, init = init_model(tc.init_from, recipe, run_dir, resume)
+    else:
+        model_cfg = recipe.model_config(task.model_fields())
     task.check_model(model_cfg)
     use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.startswith("cuda"))
     autocast_dtype = torch.bfloat16 if use_bf16 else None
@@ -231,6 +237,8 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print, on_e
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     model = model_from_config(recipe.family, model_cfg, device=device)
+    if init is not None:
+        init.load_into(model)  # before the optimizer: step, optimizer state and schedule start fresh
     if recipe.adapter is not None:  # after any init_from weights: the base is frozen as loaded
         from weightsmith.adapters import apply_adapters
 
@@ -295,6 +303,8 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print, on_e
                     "torch": torch.__version__, "machine": machine_info(), "task": task.name,
                     "data": task.data_manifest(), "created": datetime.now().isoformat(timespec="seconds"),
                     "world_size": dist.world, "parallel": dist.mode}
+        if init is not None:
+            manifest["init_from"] = init.provenance
         atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2))
     else:
         start_step = 0

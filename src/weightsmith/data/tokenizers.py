@@ -134,7 +134,12 @@ class BPETokenizer:
         inverse = {u: b for b, u in bytes_to_unicode().items()}
         out = [b""] * self.vocab_size
         for token, i in self.hf.get_vocab().items():
-            out[i] = bytes(inverse[ch] for ch in token)
+            if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):  # SentencePiece byte fallback
+                out[i] = bytes([int(token[3:5], 16)])
+            elif all(ch in inverse for ch in token):  # byte-level alphabet (ours, GPT-2's)
+                out[i] = bytes(inverse[ch] for ch in token)
+            else:  # an imported non-byte-level vocabulary (SentencePiece's "\u2581" is a space): its UTF-8
+                out[i] = token.replace("\u2581", " ").encode("utf-8")
         return out
 
     def to_json(self) -> dict[str, Any]:

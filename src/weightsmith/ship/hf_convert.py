@@ -9,6 +9,7 @@ HF architecture        family     notes
 =====================  =========  ==============================================================
 GPT2LMHeadModel        gpt        Conv1D weights are stored (in, out): transposed here
 LlamaForCausalLM       gpt        RoPE half-split layout is ours too, so q/k need no permutation
+MistralForCausalLM     gpt        as LLaMA; a sliding window shorter than the context is refused
 MixtralForCausalLM     gpt        ``n_experts``; fused (v5) or per-expert ``w1/w2/w3`` (on disk)
 BertModel              bert       pooler kept; MLM head dropped
 BertForMaskedLM        bert-mlm   chosen when the checkpoint has the MLM head (``cls.predictions``)
@@ -208,6 +209,20 @@ def llama_to_ours(hf: dict[str, Any], sd: StateDict) -> tuple[Any, StateDict]:
             _copy_linear(out, src, b + ours, h + theirs, bias)
     out["lm_head.weight"] = out["tok_emb.weight"] if cfg.tie_embeddings else _take(sd, "lm_head.weight")
     return cfg, out
+
+
+def mistral_to_ours(hf: dict[str, Any], sd: StateDict) -> tuple[Any, StateDict]:
+    """MistralForCausalLM -> (GPTConfig, state dict): LLaMA's layout and names, no biases.
+
+    Raises:
+        ConfigError: a ``sliding_window`` shorter than ``max_position_embeddings`` (ours attends to the
+            whole context, so the outputs would differ past the window), or what llama_to_ours raises.
+    """
+    window, n_ctx = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
+    if window is not None and window < n_ctx:
+        raise ConfigError(f"Mistral sliding_window={window} < max_position_embeddings={n_ctx} is not supported "
+                          "(our attention is full-context)")
+    return llama_to_ours({**hf, "attention_bias": False, "mlp_bias": False}, sd)
 
 
 def mixtral_to_ours(hf: dict[str, Any], sd: StateDict) -> tuple[Any, StateDict]:
@@ -472,7 +487,7 @@ def ours_to_hf(cfg: Any, state_dict: StateDict) -> tuple[dict[str, Any], StateDi
 # ---------------------------------------------------------------------------------------------------
 # dispatch and checkpoint import
 
-_FROM_HF = {"gpt2": ("gpt", "gpt2_to_ours"), "llama": ("gpt", "llama_to_ours"),
+_FROM_HF = {"gpt2": ("gpt", "gpt2_to_ours"), "llama": ("gpt", "llama_to_ours"), "mistral": ("gpt", "mistral_to_ours"),
             "mixtral": ("gpt", "mixtral_to_ours"), "bert": ("bert", "bert_to_ours"), "t5": ("t5", "t5_to_ours"),
             "mamba2": ("mamba2", "mamba2_to_ours"), "mamba": ("mamba", "mamba_to_ours")}
 from weightsmith.ship.hf_convert_mamba import mamba_to_ours  # noqa: E402, F401 (dispatched by _FROM_HF)

@@ -80,16 +80,20 @@ def check_tokenizer_matches(tok: Any, data_cfg: Any, path: str) -> None:
 
 
 def run_tokenizer(train_cfg: Any, data_cfg: Any, run_dir: Path, resume: bool):
-    """The fixed tokenizer of a run with ``init_from`` (None without): the run's own ``tokenizer.json``
-    when resuming or evaluating, else the source's, checked against ``data_cfg``."""
-    path = getattr(train_cfg, "init_from", None)
+    """The fixed tokenizer of a run with ``train.init_from`` or ``data.tokenizer_from`` (None without):
+    the run's own ``tokenizer.json`` when resuming or evaluating, else the source's, checked against
+    ``data_cfg``."""
+    path = getattr(train_cfg, "init_from", None) or getattr(data_cfg, "tokenizer_from", None)
     if not path:
         return None
     from weightsmith.data.tokenizers import TOKENIZER_FILE, load_tokenizer
 
     if resume and (Path(run_dir) / TOKENIZER_FILE).is_file():
         return load_tokenizer(Path(run_dir))
-    tok = load_source_tokenizer(path)
+    if Path(path).is_file():  # data.tokenizer_from naming a tokenizer.json of ours
+        tok = load_tokenizer(Path(path))
+    else:
+        tok = load_source_tokenizer(path)
     check_tokenizer_matches(tok, data_cfg, path)
     return tok
 

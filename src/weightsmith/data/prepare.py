@@ -37,20 +37,20 @@ FORMAT_VERSION = 1
 class DataConfig:
     """``[data]`` section of a recipe.
 
-    corpus: ``"shakespeare"``, ``"milton"`` (weightsmith.data.corpus) or a path to a ``.txt`` file or directory of ``.txt`` files.
+    corpus: ``"shakespeare"``, ``"milton"`` or a path to a ``.txt`` file or directory of ``.txt`` files.
     tokenizer: ``byte`` (256 ids), ``char`` or ``bpe`` (trained on the training split).
     vocab_size: BPE vocabulary size (ignored by byte and char).
     cache_dir: where prepared data is cached; default ``$WEIGHTSMITH_CACHE`` or ``~/.cache/weightsmith``.
-    tokenizer_from: a run directory (or its ``tokenizer.json``) whose tokenizer is reused instead of
-    training one, e.g. to train from scratch on another corpus with the same ids as that run;
-    ``tokenizer`` (and for bpe ``vocab_size``) must describe it. ``train.init_from`` implies it.
     """
 
     corpus: str = "shakespeare"
     tokenizer: Literal["byte", "char", "bpe"] = "bpe"
     vocab_size: int = 1024
     cache_dir: str | None = None
-    tokenizer_from: str | None = None
+    tokenizer_from: str | None = field(default=None, metadata={"doc": (
+        "a run directory (or its `tokenizer.json`) whose tokenizer is reused instead of training one, e.g. "
+        "to train from scratch on another corpus with that run's ids; `tokenizer` (and for bpe "
+        "`vocab_size`) must describe it. `train.init_from` implies it")})
 
 
 def cache_root(cfg: DataConfig) -> Path:

@@ -277,3 +277,17 @@ def test_tokenizer_from_trains_from_scratch_with_the_source_ids(hf_dirs, tiny_co
     recipe.write_text(recipe.read_text().replace("vocab_size = 300", "vocab_size = 1024"))
     with pytest.raises(ConfigError, match=r"data\.vocab_size = 1024"):
         train(recipe, out=tmp_path / "bad", log=lambda *a: None)
+
+
+def test_imported_run_quantizes(hf_dirs, tiny_corpus, cache_dir, tmp_path):
+    """quantize rebuilds the run's data with the imported tokenizer (not a new BPE) and measures it."""
+    from weightsmith.ship.quantize import quantize_run
+
+    run_dir = import_hf(hf_dirs["llama"], tmp_path / "run", [f"--data.corpus={tiny_corpus}", "--train.seq_len=32"])
+    result = quantize_run(run_dir, "int8", tmp_path / "q8", 64)
+    q = load_run(tmp_path / "q8")
+    x = torch.tensor([q.tokenizer.encode("the king")])
+    with torch.no_grad():
+        torch.testing.assert_close(q.model(x), load_run(run_dir).model(x), rtol=0.05, atol=0.05)
+    fp, qt = result["fp32"], result["quantized"]
+    assert qt["weight_bytes"] < fp["weight_bytes"] and abs(qt["val_bpb"] - fp["val_bpb"]) < 0.05 * fp["val_bpb"]

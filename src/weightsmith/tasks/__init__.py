@@ -8,6 +8,8 @@
     ddpm             denoising diffusion, eps-prediction                 (unet)
     flow-matching    rectified-flow velocity regression                  (unet)
     vae              the ELBO of a variational autoencoder               (vae)
+    distill          a student learns from a frozen teacher's logits     (any causal-lm family)
+    sparse-finetune  causal-lm that keeps a pruned run's zeros           (any causal-lm family)
     dpo              DPO on preference pairs against a frozen reference  (any causal-lm family)
     sft              next-token loss on the chosen continuations         (any causal-lm family)
 
@@ -26,7 +28,7 @@ from weightsmith.errors import ConfigError
 
 _TASKS: dict[str, type] = {}
 _MODULES = ("causal_lm", "masked_lm", "span_corruption", "classification", "recall", "diffusion", "vae",
-            "preference")
+            "distill", "sparse_finetune", "preference")
 
 
 def register_task(name: str) -> Callable[[type], type]:

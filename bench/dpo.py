@@ -12,10 +12,10 @@ Three rows, all evaluated on the same held-out pairs and the same sampled prompt
 - ``dpo``: ``recipes/shakespeare-dpo.toml`` with the same ``train.max_time``.
 
 Each training run is ``python -m weightsmith train`` in a fresh process with ``--train.init_from=INIT``
-(``--init none`` trains from the recipe's random init, for smoke tests). ``--set KEY=VALUE`` adds an
-override to both runs. The bar: DPO's property rate above SFT's, with DPO's ``kl_to_ref`` at most
-``--kl-bound`` nats/token. Results: ``--out`` (markdown) and the same path with ``.json``. Run it alone:
-two shared cores give other step counts at the same wall-clock budget.
+(``--init none`` passes no override: the recipe's own ``train.init_from``, or its random init).
+``--set KEY=VALUE`` adds an override to both runs. The bar: DPO's property rate above SFT's, with
+DPO's ``kl_to_ref`` at most ``--kl-bound`` nats/token. Results: ``--out`` (markdown) and the same path
+with ``.json``. Run it alone: two shared cores give other step counts at the same wall-clock budget.
 """
 
 from __future__ import annotations
@@ -43,11 +43,13 @@ def train_run(recipe: Path, out: Path, overrides: list[str]) -> float:
 
 
 def summarize(run: Path, batch_size: int) -> dict:
-    """eval.json, plus steps and training seconds from the last metrics.jsonl row with a loss."""
+    """eval.json, plus the steps and training seconds of the final checkpoint's train state."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from weightsmith.train.checkpoint import list_checkpoints, load_train_state
+
     ev = json.loads((run / "eval.json").read_text())
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    last = [r for r in rows if "loss" in r][-1]
-    return {**ev, "steps": last["step"], "pairs_seen": last["step"] * batch_size, "train_s": last["elapsed_s"]}
+    state = load_train_state(list_checkpoints(run)[-1])
+    return {**ev, "steps": state["step"], "pairs_seen": state["step"] * batch_size, "train_s": state["elapsed_s"]}
 
 
 def fmt(v) -> str:
@@ -58,7 +60,7 @@ def fmt(v) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--init", default="runs/shakespeare", help="run to start from, or 'none' (random init)")
+    ap.add_argument("--init", default="runs/shakespeare", help="run to start from, or 'none' (the recipe's own)")
     ap.add_argument("--time", type=float, default=180.0, help="train.max_time of each run, seconds")
     ap.add_argument("--dpo-recipe", default="recipes/shakespeare-dpo.toml")
     ap.add_argument("--sft-recipe", default="recipes/shakespeare-sft.toml")

@@ -11,6 +11,7 @@
     weightsmith export RUN_DIR --format hf|gguf|onnx|peft --out DIR [--dtype f32|f16|bf16|q8_0|q4_0]
     weightsmith quantize RUN_DIR --method int8|int4|gptq-int4 [--group-size 64] --out DIR
     weightsmith import HF_DIR --out RUN [--data.key=value ...]
+    weightsmith prune RUN_DIR --method magnitude|wanda --sparsity 0.5|2:4 --out DIR
     weightsmith models [PATTERN]
     weightsmith report RUN_DIR [--out DIR]
     weightsmith compare RUN_DIR RUN_DIR [...] --out DIR
@@ -87,6 +88,10 @@ examples:
   weightsmith import ~/hf/gpt2 --out runs/gpt2
   weightsmith import ~/hf/llama --out runs/llama-milton --data.corpus=milton --train.seq_len=256
 the run's [data] (what eval measures) comes from --data.* overrides; the tokenizer is the model's""",
+    "prune": """\
+examples:
+  weightsmith prune runs/tiny --method wanda --sparsity 0.5 --out runs/tiny-wanda50
+  weightsmith prune runs/tiny --method magnitude --sparsity 2:4 --out runs/tiny-mag24""",
     "models": """\
 examples:
   weightsmith models
@@ -298,6 +303,17 @@ def _cmd_import(args, overrides) -> int:
     return 0
 
 
+def _cmd_prune(args, overrides) -> int:
+    """Magnitude or Wanda pruning (unstructured or 2:4) of the block linears into a new run directory."""
+    from weightsmith.ship.export import check_new_output
+    from weightsmith.ship.prune import prune_run
+
+    check_new_output(args.out, "prune")
+    result = prune_run(args.run_dir, args.method, args.sparsity, args.out, n_calibration=args.n_calibration)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def _cmd_models(args, overrides) -> int:
     """List registered families and presets whose names match PATTERN."""
     from weightsmith.registry import get_preset, list_families, list_models
@@ -433,6 +449,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     p = add("import", _cmd_import, "; --data/--train/--sample overrides allowed")
     p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face directory: config.json, weights, tokenizer.json")
     p.add_argument("--out", required=True, metavar="RUN", help="new run directory; never overwritten")
+
+    p = add("prune", _cmd_prune)
+    p.add_argument("run_dir", help="run directory written by train")
+    p.add_argument("--method", required=True, choices=["magnitude", "wanda"], help="pruning score")
+    p.add_argument("--sparsity", required=True, metavar="S", help="fraction of each row to zero (0.5) or 2:4")
+    p.add_argument("--n-calibration", type=int, default=128, metavar="N", help="wanda calibration windows")
+    p.add_argument("--out", required=True, metavar="DIR", help="new run directory; never overwritten")
 
     p = add("models", _cmd_models)
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'llama*'")

@@ -150,3 +150,20 @@ def test_prune_cli_writes_a_run_with_val_bpb_before_and_after(tmp_path, tiny_cor
     assert main(["prune", str(run), "--method", "magnitude", "--sparsity", "0.9.", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(e.startswith("error: ") for e in err) and "--sparsity" in err[1]
+
+
+def test_sparse_finetune_keeps_the_zeros_and_plain_finetune_does_not(tmp_path, tiny_corpus, cache_dir):
+    args = [f"--data.corpus={tiny_corpus}", "--sample.max_new_tokens=1"]
+    run = train("recipes/tiny.toml", [*args, "--train.max_steps=10"], out=tmp_path / "run", log=lambda *a: None)
+    from weightsmith.ship.prune import prune_run
+
+    prune_run(run, "magnitude", 0.5, tmp_path / "pruned", measure=False, log=lambda *a: None)
+    pruned = {n: lin.weight.detach().clone() for n, lin in prunable_linears(load_run(tmp_path / "pruned").model)}
+    ft = [*args, "--train.max_steps=4", "--train.lr=1e-2", f"--train.init_from={tmp_path / 'pruned'}"]
+    kept = train("recipes/tiny.toml", [*ft, "--task.name=sparse-finetune"], out=tmp_path / "kept", log=lambda *a: None)
+    plain = train("recipes/tiny.toml", ft, out=tmp_path / "plain", log=lambda *a: None)
+    for name, lin in prunable_linears(load_run(kept).model):
+        zero = pruned[name] == 0
+        assert (lin.weight[zero] == 0).all(), name  # zeros stay zeros
+        assert not torch.equal(lin.weight[~zero], pruned[name][~zero])  # the rest trained
+    assert any((lin.weight[pruned[n] == 0] != 0).any() for n, lin in prunable_linears(load_run(plain).model))

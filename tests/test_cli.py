@@ -1,6 +1,7 @@
 """The whole CLI on a tiny corpus the test writes, and every bad-input case: one line, exit 2."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -83,7 +84,8 @@ def test_train_writes_a_complete_run(trained):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [5, 10, 15, 20, 25, 30]
-    assert set(train_rows[0]) == {"step", "loss", "lr", "tokens", "tok_per_s", "elapsed_s"}
+    assert set(train_rows[0]) == {"step", "loss", "lr", "grad_norm_total", "tokens", "tok_per_s", "elapsed_s"}
+    assert all(r["grad_norm_total"] > 0 and math.isfinite(r["grad_norm_total"]) for r in train_rows)
     assert train_rows[-1]["tokens"] == 30 * 4 * 32
     ev = json.loads((out / "eval.json").read_text())
     assert set(ev) >= {"val_loss", "val_bpb", "val_ppl", "val_tokens", "val_bytes"}

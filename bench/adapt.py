@@ -78,11 +78,9 @@ def bpb_on(model, config: dict, tokenizer, corpus: str) -> float:
 
 def profiled_peak(model, config: dict, tokenizer, steps: int) -> int:
     """Bytes: the model's own tensors plus the profiler's peak of live allocations over ``steps`` AdamW
-    steps on Milton training windows at the run's batch size and ``max_seq_len``."""
-    import gc
-
-    import torch.nn.functional as F
-    from torch.profiler import ProfilerActivity, profile
+    steps on Milton training windows at the run's batch size and ``max_seq_len``
+    (bench/adapter_memory.py's :func:`profiled_train_peak`)."""
+    from adapter_memory import profiled_train_peak
 
     from weightsmith.config import from_dict
     from weightsmith.data.prepare import DataConfig, prepare
@@ -94,29 +92,9 @@ def profiled_peak(model, config: dict, tokenizer, steps: int) -> int:
     data = prepare(from_dict(DataConfig, section, "data"), tokenizer=tokenizer, log=lambda *a: None)
     batch, seq = config["train"]["batch_size"], model.config.max_seq_len
     train = torch.as_tensor(data.train[: batch * (seq + 1) * steps].astype("int64"))
-    x = train.view(steps, batch, seq + 1)
     model.train()
-    own = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-           for t in (*model.parameters(), *model.buffers())}
     opt = build_optimizer("adamw", model, TrainConfig(lr=1e-6))
-    gc.collect()
-    gc.disable()
-    try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            for i in range(steps):
-                logits = model(x[i, :, :-1])
-                F.cross_entropy(logits.flatten(0, 1), x[i, :, 1:].flatten()).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=False)
-    finally:
-        gc.enable()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return sum(own.values()) + peak
+    return profiled_train_peak(model, opt, list(train.view(steps, batch, seq + 1)))[1]
 
 
 def measure_run(run: Path, label: str, profile_steps: int, source_corpus: str) -> dict:

@@ -25,9 +25,35 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("full", "lora", "dora", "qlora")
 
 
-def measure(method: str, fields: dict, args) -> dict:
+def profiled_train_peak(model, opt, batches) -> tuple[int, int]:
+    """(model bytes, training peak bytes): the storage of ``model``'s parameters and buffers, and that plus
+    the running peak of ``torch.profiler``'s allocator events over one next-token cross-entropy step
+    (forward, backward, ``opt.step()``, zero_grad) per (B, T + 1) token batch in ``batches``."""
     from torch.profiler import ProfilerActivity, profile
 
+    own = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+               for t in (*model.parameters(), *model.buffers())}.values())
+    gc.collect()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            for x in batches:
+                logits = model(x[:, :-1])
+                F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=False)
+    finally:
+        gc.enable()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return own, own + peak
+
+
+def measure(method: str, fields: dict, args) -> dict:
     from weightsmith.adapters import adapter_cost, apply_adapters, trainable_parameters
     from weightsmith.analysis.memory import memory_estimate
     from weightsmith.recipe import AdapterConfig
@@ -47,29 +73,10 @@ def measure(method: str, fields: dict, args) -> dict:
         trainable = trainable_parameters(model)
         estimate = adapter_cost("gpt", cfg, adapter, batch_size=args.batch_size, seq_len=args.seq_len,
                                 dtype="float32", optimizer="adamw", base_memory=est_base)["memory_train_bytes"]
-    own = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-           for t in (*model.parameters(), *model.buffers())}
     opt = build_optimizer("adamw", model, TrainConfig(lr=1e-4))
     x = torch.randint(0, fields["vocab_size"], (args.batch_size, args.seq_len + 1))
-    gc.collect()
-    gc.disable()
-    try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            for _ in range(args.steps):
-                logits = model(x[:, :-1])
-                F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=False)
-    finally:
-        gc.enable()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    measured = sum(own.values()) + peak
-    return {"method": method, "trainable_params": trainable, "model_bytes": sum(own.values()),
+    own, measured = profiled_train_peak(model, opt, [x] * args.steps)
+    return {"method": method, "trainable_params": trainable, "model_bytes": own,
             "train_peak_measured_bytes": measured, "train_peak_estimated_bytes": estimate,
             "estimate_over_measured": estimate / measured}
 

@@ -5,9 +5,9 @@
 
 One table (key, type, default, description) per recipe section: ``[task]`` and ``[data]`` of every
 registered task (weightsmith.tasks), ``[model]`` of every registered family (weightsmith.registry),
-``[train]`` and ``[sample]`` (weightsmith.train.config), ``[adapter]`` (weightsmith.recipe). Only the text between the BEGIN and END
-markers is rewritten; the prose around it is hand-written. tests/test_docs.py compares it with a fresh
-rendering.
+``[train]`` and ``[sample]`` (weightsmith.train.config), ``[adapter]`` (weightsmith.recipe). Only the text
+between the BEGIN and END markers is rewritten; the prose around it is hand-written. tests/test_docs.py
+compares it with a fresh rendering.
 
 Descriptions come from the dataclass, in this order: ``field(metadata={"doc": "..."})``; a line
 ``name: text`` in the class docstring (DataConfig's style); else the docstring sentences that start a

@@ -1,7 +1,7 @@
 """Write .ci/constraints.txt: the exact versions CI installs, taken from a working virtual environment.
 
     .venv/bin/python .ci/make_constraints.py            # rewrite .ci/constraints.txt
-    .venv/bin/python .ci/make_constraints.py --check    # exit 1 if it would change
+    .venv/bin/python .ci/make_constraints.py --check    # exit 1 if an installed package's pin is wrong
 
 The pins are the packages that pyproject.toml asks for (every extra included) and everything they
 require in turn, resolved in the running interpreter's environment (markers evaluated there). A
@@ -79,7 +79,8 @@ def render(pins: dict[str, str], missing: list[str], previous: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 if the file is not what would be written")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 if an installed requirement is unpinned or pinned at another version")
     args = ap.parse_args()
     pins, missing = resolve()
     previous = OUT.read_text() if OUT.exists() else ""
@@ -88,8 +89,14 @@ def main() -> int:
     if unpinned:
         print(f"warning: not installed and not pinned before: {', '.join(unpinned)}", file=sys.stderr)
     if args.check:
-        if text != previous:
-            print(f"{OUT} is out of date; run .venv/bin/python .ci/make_constraints.py", file=sys.stderr)
+        # every installed requirement pinned at its installed version, every missing one pinned at all; pins
+        # of extras not installed here (llamacpp in CI) and their dependencies may stay in the file
+        old = {canonicalize_name(k): v for k, v in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", previous, re.M)}
+        wrong = [f"{n}=={v} (file: {old.get(n, 'unpinned')})" for n, v in sorted(pins.items()) if old.get(n) != v]
+        wrong += [f"{n} (not installed, unpinned)" for n in unpinned]
+        if wrong:
+            print(f"{OUT} is out of date ({', '.join(wrong)}); run .venv/bin/python .ci/make_constraints.py",
+                  file=sys.stderr)
             return 1
         return 0
     OUT.write_text(text)

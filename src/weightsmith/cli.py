@@ -17,12 +17,14 @@
     weightsmith compare RUN_DIR RUN_DIR [...] --out DIR
     weightsmith sweep RECIPE --param KEY=SPEC [--param ...] --trials N --out DIR [--metric M] [--prune]
                       [--section.key=value ...]
+    weightsmith coord-check RECIPE --widths W [W ...] --base-width W0 --out DIR [--steps S] [--seeds N]
+                            [--section.key=value ...]
     weightsmith inspect MODEL [--batch-size B] [--seq-len T] [--dtype D] [--optimizer adamw|sgd] [--json]
                               [--sampler S --steps N --guidance W] [--model.key=value ...]
     weightsmith --version
 
-Dotted overrides (``--section.key=value``) are taken by prepare, train, sweep, inspect and import only; the other
-subcommands reject them. Errors a user can cause, bad arguments included, print one line,
+Dotted overrides (``--section.key=value``) are taken by prepare, train, sweep, coord-check, inspect and import
+only; the other subcommands reject them. Errors a user can cause, bad arguments included, print one line,
 ``error: ...``, and exit with status 2.
 """
 
@@ -37,7 +39,7 @@ from collections.abc import Callable
 from weightsmith import __version__
 from weightsmith.errors import TrainingInterrupted, WeightsmithError
 
-OVERRIDE_COMMANDS = ("prepare", "train", "inspect", "sweep", "import")
+OVERRIDE_COMMANDS = ("prepare", "train", "inspect", "sweep", "coord-check", "import")
 
 OVERRIDES_HELP = """\
 overrides:
@@ -110,6 +112,12 @@ examples:
       --param train.schedule=choice:cosine,wsd --trials 20 --prune --out sweeps/tiny --train.max_steps=200
   weightsmith sweep recipes/tiny.toml --param train.lr=log:1e-4:1e-2 --trials 16 --out sweeps/tiny-lr  # resumes
 param specs: log:LO:HI (log-uniform float), float:LO:HI, int:LO:HI, choice:A,B,C (values read as TOML)""",
+    "coord-check": """\
+examples:
+  weightsmith coord-check recipes/shakespeare.toml --widths 64 128 256 512 --base-width 64 --out runs/coord \\
+      --model.tie_embeddings=false --train.lr=1e-2
+  weightsmith coord-check recipes/tiny.toml --widths 32 128 --base-width 32 --steps 3 --seeds 1 --out /tmp/cc \\
+      --model.tie_embeddings=false""",
     "inspect": """\
 examples:
   weightsmith inspect gpt2 --seq-len 512 --batch-size 8 --dtype bf16
@@ -121,6 +129,7 @@ OVERRIDES_NOTE = {
     "prepare": OVERRIDES_HELP + "\n  e.g. --data.vocab_size=512; only the [data] section matters here.",
     "train": OVERRIDES_HELP + "\n  e.g. --train.lr=3e-4 --model.n_layers=4; --print-config shows the result.",
     "sweep": OVERRIDES_HELP + "\n  They apply to every trial, e.g. --train.max_steps=200; --param values win.",
+    "coord-check": OVERRIDES_HELP + "\n  They apply at every width; µP needs --model.tie_embeddings=false.",
     "inspect": "overrides:\n  --model.key=value sets a [model] field, e.g. --model.n_layers=4 (no other sections).",
 }
 
@@ -357,6 +366,16 @@ def _cmd_sweep(args, overrides) -> int:
     return 0
 
 
+def _cmd_coord_check(args, overrides) -> int:
+    """µP coordinate check: mean |activation| per block against width, standard parametrization vs µP."""
+    from weightsmith.train.mup import coord_check
+
+    coord_check(args.recipe, args.out, widths=args.widths, base_width=args.base_width, steps=args.steps,
+                seeds=args.seeds, overrides=overrides)
+    print(f"coord-check: {args.out}/coord.md, coord.png, coord.json")
+    return 0
+
+
 def _cmd_inspect(args, overrides) -> int:
     """Parameters, FLOPs and memory per module (the model is built on the meta device)."""
     from weightsmith.analysis.inspect import format_report, inspect_model
@@ -371,8 +390,8 @@ def _cmd_inspect(args, overrides) -> int:
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     parser = _Parser(prog="weightsmith", description=__doc__.split("\n")[0], formatter_class=_HelpFormatter,
                      epilog="Run 'weightsmith COMMAND --help' for a command's options, defaults and examples.\n"
-                            "prepare, train, sweep and inspect also take dotted overrides: --section.key=value,\n"
-                            "e.g. weightsmith train recipes/tiny.toml --train.lr=3e-4")
+                            "prepare, train, sweep, coord-check, inspect and import also take dotted overrides:\n"
+                            "--section.key=value, e.g. weightsmith train recipes/tiny.toml --train.lr=3e-4")
     parser.add_argument("--version", action="version", version=f"weightsmith {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     handlers: dict[str, Callable] = {}
@@ -483,6 +502,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     p.add_argument("--prune", action="store_true",
                    help="stop trials whose validation rows fall below the median of earlier trials' "
                         "(Optuna MedianPruner)")
+
+    p = add("coord-check", _cmd_coord_check, "; dotted overrides allowed")
+    p.add_argument("recipe", help="recipe TOML file (a transformer; its train.lr and optimizer are used)")
+    p.add_argument("--widths", type=int, nargs="+", required=True, metavar="W", help="d_model values to try")
+    p.add_argument("--base-width", type=int, required=True, metavar="W0", help="µP's base width")
+    p.add_argument("--out", required=True, metavar="DIR", help="new directory for coord.json, coord.md, coord.png")
+    p.add_argument("--steps", type=int, default=4, metavar="S", help="optimizer steps per width")
+    p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds averaged per width")
 
     p = add("inspect", _cmd_inspect, "; --model.key=value overrides allowed")
     p.add_argument("model", help="preset or family name, recipe TOML, or run directory")

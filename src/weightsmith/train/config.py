@@ -69,6 +69,11 @@ class TrainConfig:
         "0.2 sqrt(max(rows, cols)) (Liu et al. 2025, Moonlight)")})
     lion_beta1: float = field(default=0.9, metadata={"doc": "Lion's β1 (the interpolation whose sign is the update)"})
     lion_beta2: float = field(default=0.99, metadata={"doc": "Lion's β2 (the momentum kept)"})
+    mup_base_width: int | None = field(default=None, metadata={"doc": (
+        "µP (weightsmith.train.mup; Yang et al. 2022): the width (`d_model`) at which the learning rate "
+        "and init were tuned; hidden and output weights then get init std and lr scaled by width, so "
+        "the tuned lr transfers. Unset: the standard parametrization. Needs a transformer with "
+        "`tie_embeddings = false`, `adamw` or `lion`, and no `init_from`")})
     spike_zscore: float | None = field(default=None, metadata={"doc": (
         "skip a step whose loss exceeds the mean of the last `spike_window` kept steps' losses by more "
         "than this many standard deviations (unset: no spike check; e.g. 6). Non-finite "
@@ -132,6 +137,13 @@ class TrainConfig:
         for name in ("muon_momentum", "lion_beta1", "lion_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.mup_base_width is not None and self.mup_base_width <= 0:
+            raise ConfigError(f"train.mup_base_width must be a positive width (or unset), got {self.mup_base_width}")
+        if self.mup_base_width is not None and self.optimizer == "muon":
+            raise ConfigError("train.mup_base_width works with train.optimizer 'adamw' or 'lion', not 'muon' "
+                              "(its orthogonalized updates already have a width-independent scale)")
+        if self.mup_base_width is not None and self.init_from:
+            raise ConfigError("train.mup_base_width sets the initialization, train.init_from loads one; drop one")
         if self.muon_lr <= 0:
             raise ConfigError(f"train.muon_lr must be positive, got {self.muon_lr}")
         if self.muon_weight_decay < 0:

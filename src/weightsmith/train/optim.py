@@ -6,7 +6,7 @@ Every parameter group carries a ``name`` and an ``lr_scale``: the trainer sets e
 ``schedule(step) * lr_scale`` (:func:`set_lr`), where the schedule peaks at ``train.lr``. The schedules
 are linear in (``lr``, ``min_lr``), so a group follows the same schedule from its own base rate
 ``train.lr * lr_scale`` down to ``min_lr * lr_scale``. ``lr_scale`` is 1 except for Muon's groups
-(and, later, µP's per-width scales).
+and µP's per-width multipliers (weightsmith.train.mup).
 
 - **AdamW**: Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization" (``torch.optim.AdamW``).
   Weight decay applies to matrices inside the network only; norm gains, biases and embeddings are not
@@ -42,18 +42,31 @@ from weightsmith.errors import CheckpointError, ConfigError
 HEAD_NAMES = ("head", "lm_head", "classifier", "output", "decoder")
 
 
-def param_groups(model: nn.Module, weight_decay: float, exclude: frozenset[int] = frozenset()) -> list[dict]:
-    """Two AdamW groups: ``decay`` (2-D+ weights that are not embeddings) and ``no_decay`` (norms,
-    biases, embeddings); parameters whose ``id`` is in ``exclude`` are left out, shared ones counted once."""
+def param_groups(model: nn.Module, weight_decay: float, exclude: frozenset[int] = frozenset(),
+                 lr_scales: dict[int, float] | None = None) -> list[dict]:
+    """AdamW groups: ``decay`` (2-D+ weights that are not embeddings) and ``no_decay`` (norms, biases,
+    embeddings); parameters whose ``id`` is in ``exclude`` are left out, shared ones counted once.
+
+    ``lr_scales`` ({id(parameter): multiplier}, from weightsmith.train.mup) splits each of the two by
+    multiplier: a group whose ``lr_scale`` is not 1 is named ``decay*0.25`` (say); without it there are
+    exactly the two groups, each at ``lr_scale`` 1."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set(exclude)
+    scales = lr_scales or {}
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
+    seen = set(exclude)
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 and id(p) not in embedding_ids else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay", "lr_scale": 1.0},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay", "lr_scale": 1.0}]
+        decay = p.dim() >= 2 and id(p) not in embedding_ids
+        groups.setdefault((decay, float(scales.get(id(p), 1.0))), []).append(p)
+    out = []
+    for (decay, scale), params in groups.items():
+        name = ("decay" if decay else "no_decay") + ("" if scale == 1.0 else f"*{scale:g}")
+        if params or scale == 1.0:
+            out.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "name": name,
+                        "lr_scale": scale})
+    return out
 
 
 def muon_split(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -165,7 +178,7 @@ _OPTIMIZERS: dict[str, Callable[[nn.Module, Any], Any]] = {}
 
 
 def register_optimizer(name: str) -> Callable:
-    """Decorator: register ``builder(model, train_config) -> optimizer`` under ``name``."""
+    """Decorator: register ``builder(model, train_config, lr_scales) -> optimizer`` under ``name``."""
 
     def deco(fn: Callable) -> Callable:
         _OPTIMIZERS[name] = fn
@@ -178,33 +191,45 @@ def list_optimizers() -> list[str]:
     return sorted(_OPTIMIZERS)
 
 
-def build_optimizer(name: str, model: nn.Module, tc: Any) -> torch.optim.Optimizer | OptimizerChain:
+def build_optimizer(name: str, model: nn.Module, tc: Any,
+                    lr_scales: dict[int, float] | None = None) -> torch.optim.Optimizer | OptimizerChain:
     """The optimizer ``name`` over ``model``'s trainable parameters, configured from ``tc``
-    (weightsmith.train.config.TrainConfig). Raises ConfigError for an unknown name."""
+    (weightsmith.train.config.TrainConfig). ``lr_scales`` ({id(parameter): multiplier}, µP's per-width
+    rates from weightsmith.train.mup.mup_lr_scales) multiplies those parameters' rates; Muon takes none.
+    Raises ConfigError for an unknown name, or for ``lr_scales`` with Muon."""
     if name not in _OPTIMIZERS:
         raise ConfigError(f"train.optimizer = {name!r} is not known; choose one of {list_optimizers()}")
-    return _OPTIMIZERS[name](model, tc)
+    if lr_scales and name == "muon":
+        raise ConfigError("train.mup_base_width works with train.optimizer 'adamw' or 'lion', not 'muon' (its "
+                          "orthogonalized updates already have a width-independent scale)")
+    return _OPTIMIZERS[name](model, tc, lr_scales)
 
 
 def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                eps: float) -> torch.optim.AdamW:
+                eps: float, lr_scales: dict[int, float] | None = None) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; ``foreach`` kernels are used where available."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+    groups = param_groups(model, weight_decay, lr_scales=lr_scales)
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
 @register_optimizer("adamw")
-def _adamw(model: nn.Module, tc: Any) -> torch.optim.AdamW:
-    return build_adamw(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps)
+def _adamw(model: nn.Module, tc: Any, lr_scales: dict[int, float] | None = None) -> torch.optim.AdamW:
+    return build_adamw(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, lr_scales)
 
 
 @register_optimizer("lion")
-def _lion(model: nn.Module, tc: Any) -> Lion:
-    return Lion(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.lion_beta1, tc.lion_beta2),
+def _lion(model: nn.Module, tc: Any, lr_scales: dict[int, float] | None = None) -> Lion:
+    groups = param_groups(model, tc.weight_decay, lr_scales=lr_scales)
+    for g in groups:
+        g["lr"] = tc.lr * g["lr_scale"]
+    return Lion(groups, lr=tc.lr, betas=(tc.lion_beta1, tc.lion_beta2),
                 weight_decay=tc.weight_decay)
 
 
 @register_optimizer("muon")
-def _muon(model: nn.Module, tc: Any) -> OptimizerChain:
+def _muon(model: nn.Module, tc: Any, lr_scales: dict[int, float] | None = None) -> OptimizerChain:
     """torch.optim.Muon over :func:`muon_split` at ``muon_lr`` (group ``muon``, ``lr_scale = muon_lr /
     lr``), then AdamW over the rest at ``lr`` (groups ``decay`` and ``no_decay``)."""
     matrices = [p for _, p in muon_split(model)]

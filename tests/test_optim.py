@@ -171,3 +171,18 @@ def test_resuming_with_another_optimizer_is_refused(tmp_path, tiny_corpus, cache
     with pytest.raises(CheckpointError, match="holds adamw state but train.optimizer='lion'"):
         train(recipe, ["--train.optimizer=lion", "--train.max_steps=5"], out=tmp_path / "run", resume=True,
               log=lambda *a: None)
+
+
+def test_muon_main_job_recipe_is_the_main_job_with_only_the_optimizer_and_budget_changed():
+    from pathlib import Path
+
+    from weightsmith.config import load_toml
+    from weightsmith.recipe import recipe_from_tree
+
+    root = Path(__file__).parents[1] / "recipes"
+    main, muon = load_toml(root / "shakespeare.toml"), load_toml(root / "shakespeare-muon.toml")
+    assert muon["data"] == main["data"] and muon["model"] == main["model"] and muon["sample"] == main["sample"]
+    changed = {k for k in main["train"].keys() | muon["train"].keys() if main["train"].get(k) != muon["train"].get(k)}
+    assert changed == {"optimizer", "muon_lr", "lr", "max_steps", "max_time"}
+    tc = recipe_from_tree(muon).train
+    assert (tc.optimizer, tc.muon_lr, tc.lr, tc.max_time) == ("muon", 0.02, 4e-3, 270)

@@ -207,5 +207,7 @@ def test_fsdp_refuses_a_task_that_keeps_an_ema_of_the_weights():
     d = distributed.Dist(mode="fsdp", rank=0, world=2)
     with pytest.raises(ConfigError, match="train.parallel='fsdp' does not support yet; use train.parallel='ddp'"):
         d.check_task(get_task("ddpm").for_contract_tests())
+    with pytest.raises(ConfigError, match="'sparse-finetune' updates the full weights .* sparsity mask"):
+        d.check_task(get_task("sparse-finetune").for_contract_tests())
     d.check_task(get_task("causal-lm").for_contract_tests())  # no after_step: fine
     distributed.Dist(mode="ddp", rank=0, world=2).check_task(get_task("ddpm").for_contract_tests())

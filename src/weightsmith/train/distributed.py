@@ -107,13 +107,14 @@ class Dist:
         return self.mode != "none"
 
     def check_task(self, task: Any) -> None:
-        """Raise ConfigError for a task FSDP cannot train yet: one whose ``after_step`` keeps its own copy
-        of the weights (an EMA), which would hold sharded tensors."""
+        """Raise ConfigError for a task FSDP cannot train yet: one with an ``after_step`` hook, which
+        touches full weights after the update (an EMA copy, a sparsity mask) that FSDP holds sharded."""
         from weightsmith.tasks.base import Task
 
         if self.mode == "fsdp" and type(task).after_step is not Task.after_step:
-            raise ConfigError(f"task {task.name!r} keeps a copy of the weights after each step (EMA), which "
-                              "train.parallel='fsdp' does not support yet; use train.parallel='ddp'")
+            raise ConfigError(f"task {task.name!r} updates the full weights after each step (an EMA copy or a "
+                              "sparsity mask), which train.parallel='fsdp' does not support yet; use "
+                              "train.parallel='ddp'")
 
     # ---- batches and reductions ----
     def shard(self, batch: Any, *, _rows: int | None = None) -> Any:

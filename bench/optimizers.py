@@ -107,7 +107,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    lines = [f"Main job ({result['recipe']}), {budget} s of training each, data prepared beforehand.", "",
+    limit = f"{budget} s of training each" if budget else "the recipe's max_steps each (no time budget)"
+    lines = [f"{result['recipe']}, {limit} unless a row overrides it, data prepared beforehand (wall time "
+             "excludes data preparation).", "",
              "| variant | overrides | steps | train tokens | val_bpb | tok/s | MFU | events | wall (s) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for x in rows:

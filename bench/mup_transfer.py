@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def train_one(task, family, cfg, *, mup_base: int | None, lr: float, steps: int, seed: int) -> dict:
     from weightsmith.eval.metrics import stream_loss
     from weightsmith.registry import model_from_config
-    from weightsmith.train.mup import apply_mup_init, mup_lr_scales
+    from weightsmith.train.mup import apply_mup
     from weightsmith.train.optim import build_optimizer, lr_at, set_lr
 
     task.check_model(cfg)
@@ -42,8 +42,7 @@ def train_one(task, family, cfg, *, mup_base: int | None, lr: float, steps: int,
     model = model_from_config(family, cfg, device="cpu")
     scales = None
     if mup_base is not None:
-        apply_mup_init(model, family, cfg, mup_base)
-        scales = mup_lr_scales(model, family, cfg, mup_base)
+        scales = apply_mup(model, family, cfg, mup_base)
     opt = build_optimizer("adamw", model, task.train_cfg, scales)
     batches = task.batches("cpu")
     model.train()

@@ -12,7 +12,7 @@ from weightsmith.errors import ConfigError
 from weightsmith.models.gpt import GPT, GPTConfig
 from weightsmith.train.checkpoint import list_checkpoints, load_train_state
 from weightsmith.train.config import TrainConfig
-from weightsmith.train.mup import apply_mup_init, coord_check, mup_lr_scales, mup_roles, width_config
+from weightsmith.train.mup import apply_mup, apply_mup_init, coord_check, mup_lr_scales, mup_roles, width_config
 from weightsmith.train.optim import build_optimizer, set_lr
 
 QUIET = lambda *a: None  # noqa: E731
@@ -64,6 +64,11 @@ def test_init_and_lr_multipliers_are_table_3():
     assert set(by_name) == {"decay", "no_decay", "decay*0.25"}
     assert by_name["decay*0.25"]["lr"] == pytest.approx(2.5e-3) and by_name["no_decay"]["lr"] == 1e-2
     assert not by_name["decay"]["params"]  # every decayed matrix is hidden or the head here
+    both = _model(width, seed=1)  # apply_mup: the same init and multipliers from one classing
+    both_scales = apply_mup(both, "gpt", cfg, 32)
+    for name, p in both.named_parameters():
+        torch.testing.assert_close(p, mud[name], rtol=0, atol=0)
+        assert both_scales[id(p)] == scales[id(mud[name])]
     assert {id(p) for p in by_name["decay*0.25"]["params"]} == {id(mud[n]) for n, r in roles.items() if r != "input"}
 
 

@@ -11,6 +11,9 @@ from typing import Literal
 
 from weightsmith.errors import ConfigError
 
+MUP_WITH_MUON = ("train.mup_base_width works with train.optimizer 'adamw' or 'lion', not 'muon' (its "
+                 "orthogonalized updates already have a width-independent scale)")
+
 
 @dataclass(kw_only=True)
 class TrainConfig:
@@ -140,8 +143,7 @@ class TrainConfig:
         if self.mup_base_width is not None and self.mup_base_width <= 0:
             raise ConfigError(f"train.mup_base_width must be a positive width (or unset), got {self.mup_base_width}")
         if self.mup_base_width is not None and self.optimizer == "muon":
-            raise ConfigError("train.mup_base_width works with train.optimizer 'adamw' or 'lion', not 'muon' "
-                              "(its orthogonalized updates already have a width-independent scale)")
+            raise ConfigError(MUP_WITH_MUON)
         if self.mup_base_width is not None and self.init_from:
             raise ConfigError("train.mup_base_width sets the initialization, train.init_from loads one; drop one")
         if self.muon_lr <= 0:

@@ -247,12 +247,11 @@ def run_training(recipe, run_dir: Path, *, resume: bool = False, log=print, on_e
         apply_adapters(model, recipe.adapter)  # only the adapters keep requires_grad (and reach the optimizer)
     lr_scales = None
     if tc.mup_base_width is not None:  # µP (weightsmith.train.mup): init now, per-width rates below
-        from weightsmith.train.mup import apply_mup_init, mup_lr_scales
+        from weightsmith.train.mup import apply_mup
 
         if dist.mode == "fsdp":
             raise ConfigError("train.mup_base_width with train.parallel='fsdp' is not supported yet; use 'ddp'")
-        apply_mup_init(model, recipe.family, model_cfg, tc.mup_base_width)
-        lr_scales = mup_lr_scales(model, recipe.family, model_cfg, tc.mup_base_width)
+        lr_scales = apply_mup(model, recipe.family, model_cfg, tc.mup_base_width)
     model.train()
     model = dist.prepare_model(model)  # FSDP2 shards it in place, before the optimizer sees the parameters
     optimizer = build_optimizer(tc.optimizer, model, tc, lr_scales)

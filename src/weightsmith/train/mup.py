@@ -23,8 +23,8 @@ rate tuned there keeps its meaning at other widths. Width is changed with :func:
 both an input and an output weight, so µP refuses tied embeddings (``model.tie_embeddings = false``).
 Muon is refused too: its orthogonalized update already has a width-independent spectral scale.
 
-The recipe turns it on with ``[train] mup_base_width = 64``; the trainer calls :func:`apply_mup_init` on
-a fresh model and hands :func:`mup_lr_scales` to the optimizer. :func:`coord_check` is the paper's
+The recipe turns it on with ``[train] mup_base_width = 64``; the trainer calls :func:`apply_mup` on a
+fresh model (the init, and the learning-rate multipliers it hands to the optimizer). :func:`coord_check` is the paper's
 coordinate check (its Figure 5, after the ``mup`` package's ``get_coord_data``): the mean absolute
 activation of every block after a few steps, against width, for standard parametrization and µP. Under
 µP the curves stay flat after the first update; under standard parametrization they grow with width. At
@@ -116,13 +116,16 @@ def _width_mult(cfg: Any, base_width: int) -> float:
     return cfg.d_model / base_width
 
 
+def _scales(model: nn.Module, roles: dict[str, str], m: float) -> dict[int, float]:
+    named = dict(model.named_parameters(remove_duplicate=False))
+    return {id(named[name]): (1.0 if role == "input" else 1.0 / m) for name, role in roles.items()}
+
+
 def mup_lr_scales(model: nn.Module, family: str, cfg: Any, base_width: int) -> dict[int, float]:
     """{id(parameter): learning-rate multiplier}: 1/m for hidden and output weights, 1 for inputs, where
     ``m = cfg.d_model / base_width``. Pass it to weightsmith.train.optim.build_optimizer."""
     m = _width_mult(cfg, base_width)
-    roles = mup_roles(model, _base_model(family, cfg, base_width))
-    named = dict(model.named_parameters(remove_duplicate=False))
-    return {id(named[name]): (1.0 if role == "input" else 1.0 / m) for name, role in roles.items()}
+    return _scales(model, mup_roles(model, _base_model(family, cfg, base_width)), m)
 
 
 @torch.no_grad()
@@ -138,6 +141,13 @@ def apply_mup_init(model: nn.Module, family: str, cfg: Any, base_width: int) -> 
         elif role == "output":
             named[name].mul_(1.0 / m)
     return roles
+
+
+def apply_mup(model: nn.Module, family: str, cfg: Any, base_width: int) -> dict[int, float]:
+    """:func:`apply_mup_init`, then the matching :func:`mup_lr_scales` from the same roles (classed once);
+    what the trainer, :func:`coord_check` and bench/mup_transfer.py call."""
+    roles = apply_mup_init(model, family, cfg, base_width)
+    return _scales(model, roles, _width_mult(cfg, base_width))
 
 
 # ---- coordinate check ---------------------------------------------------------------------------------
@@ -229,8 +239,7 @@ def coord_check(recipe_path: str | Path, out: str | Path, *, widths: list[int], 
                 model = model_from_config(recipe.family, cfg, device="cpu")
                 scales = None
                 if param == "mup":
-                    apply_mup_init(model, recipe.family, cfg, base_width)
-                    scales = mup_lr_scales(model, recipe.family, cfg, base_width)
+                    scales = apply_mup(model, recipe.family, cfg, base_width)
                 model.train()
                 opt = build_optimizer(tc.optimizer, model, tc, scales)
                 set_lr(opt, tc.lr)

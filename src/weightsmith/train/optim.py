@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from weightsmith.errors import CheckpointError, ConfigError
+from weightsmith.train.config import MUP_WITH_MUON
 
 # Last name part of a module that is a model's output projection; its weight stays with AdamW under Muon.
 HEAD_NAMES = ("head", "lm_head", "classifier", "output", "decoder")
@@ -67,6 +68,13 @@ def param_groups(model: nn.Module, weight_decay: float, exclude: frozenset[int] 
             out.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "name": name,
                         "lr_scale": scale})
     return out
+
+
+def _at_lr(groups: list[dict], lr: float) -> list[dict]:
+    """Each group's starting rate, ``lr * lr_scale`` (the trainer's :func:`set_lr` keeps that ratio)."""
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    return groups
 
 
 def muon_split(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -200,18 +208,15 @@ def build_optimizer(name: str, model: nn.Module, tc: Any,
     if name not in _OPTIMIZERS:
         raise ConfigError(f"train.optimizer = {name!r} is not known; choose one of {list_optimizers()}")
     if lr_scales and name == "muon":
-        raise ConfigError("train.mup_base_width works with train.optimizer 'adamw' or 'lion', not 'muon' (its "
-                          "orthogonalized updates already have a width-independent scale)")
+        raise ConfigError(MUP_WITH_MUON)
     return _OPTIMIZERS[name](model, tc, lr_scales)
 
 
 def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                 eps: float, lr_scales: dict[int, float] | None = None) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; ``foreach`` kernels are used where available."""
-    groups = param_groups(model, weight_decay, lr_scales=lr_scales)
-    for g in groups:
-        g["lr"] = lr * g["lr_scale"]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(_at_lr(param_groups(model, weight_decay, lr_scales=lr_scales), lr), lr=lr,
+                             betas=betas, eps=eps)
 
 
 @register_optimizer("adamw")
@@ -221,10 +226,8 @@ def _adamw(model: nn.Module, tc: Any, lr_scales: dict[int, float] | None = None)
 
 @register_optimizer("lion")
 def _lion(model: nn.Module, tc: Any, lr_scales: dict[int, float] | None = None) -> Lion:
-    groups = param_groups(model, tc.weight_decay, lr_scales=lr_scales)
-    for g in groups:
-        g["lr"] = tc.lr * g["lr_scale"]
-    return Lion(groups, lr=tc.lr, betas=(tc.lion_beta1, tc.lion_beta2),
+    return Lion(_at_lr(param_groups(model, tc.weight_decay, lr_scales=lr_scales), tc.lr), lr=tc.lr,
+                betas=(tc.lion_beta1, tc.lion_beta2),
                 weight_decay=tc.weight_decay)
 
 

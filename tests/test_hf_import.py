@@ -1,7 +1,7 @@
 """weightsmith import (HF dir -> run), [train] init_from, and the milton corpus.
 
-Tiny GPT-2 and LLaMA models are built by transformers and saved in tmp_path with a byte-level BPE
-tokenizer.json made by the tokenizers library; nothing is downloaded.
+Tiny GPT-2, LLaMA, Mistral, Mixtral, BERT and T5 models are built by transformers and saved in tmp_path
+with a byte-level BPE tokenizer.json made by the tokenizers library; nothing is downloaded.
 """
 
 import json
@@ -20,14 +20,15 @@ from weightsmith.ship.hf_import import import_hf  # noqa: E402
 from weightsmith.train.checkpoint import list_checkpoints, load_run  # noqa: E402
 
 
-def _hf_tokenizer(text, vocab_size=300):
+def _hf_tokenizer(text, vocab_size=300, special_tokens=()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        special_tokens=list(special_tokens)))
     return tok
 
 
@@ -291,3 +292,129 @@ def test_imported_run_quantizes(hf_dirs, tiny_corpus, cache_dir, tmp_path):
         torch.testing.assert_close(q.model(x), load_run(run_dir).model(x), rtol=0.05, atol=0.05)
     fp, qt = result["fp32"], result["quantized"]
     assert qt["weight_bytes"] < fp["weight_bytes"] and abs(qt["val_bpb"] - fp["val_bpb"]) < 0.05 * fp["val_bpb"]
+
+
+# ------------------------------------------------------------------------------------------------
+# BERT, T5 and Mixtral: the other model types import imports, each against its own HF class
+
+
+def _hf_other(kind, V):
+    torch.manual_seed(0)
+    if kind == "bert":
+        return tr.BertForMaskedLM(tr.BertConfig(vocab_size=V, hidden_size=40, num_hidden_layers=2,
+                                                num_attention_heads=4, intermediate_size=56,
+                                                max_position_embeddings=64, hidden_dropout_prob=0,
+                                                attention_probs_dropout_prob=0))
+    if kind == "t5":
+        return tr.T5ForConditionalGeneration(tr.T5Config(
+            vocab_size=V, d_model=40, d_kv=10, d_ff=56, num_layers=2, num_decoder_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False, decoder_start_token_id=0, dropout_rate=0))
+    return tr.MixtralForCausalLM(tr.MixtralConfig(
+        vocab_size=V, hidden_size=40, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None))
+
+
+@pytest.fixture(scope="module")
+def other_dirs(tiny_corpus, tmp_path_factory):
+    """Each with the special tokens of its real tokenizer: BERT's [PAD] and [MASK], T5's <pad> and
+    <extra_id_0..99>, none for Mixtral."""
+    text = tiny_corpus.read_text()
+    special = {"bert": ["[PAD]", "[MASK]"], "t5": ["<pad>", *(f"<extra_id_{i}>" for i in range(100))], "mixtral": []}
+    out = {}
+    for kind in ("bert", "t5", "mixtral"):
+        tok = _hf_tokenizer(text[: len(text) * 9 // 10], 400, special[kind])
+        d = tmp_path_factory.mktemp(f"hf-{kind}")
+        _hf_other(kind, tok.get_vocab_size()).eval().save_pretrained(d)
+        tok.save(str(d / "tokenizer.json"))
+        out[kind] = d
+    return out
+
+
+@pytest.mark.parametrize("kind, family", [("bert", "bert-mlm"), ("t5", "t5"), ("mixtral", "gpt")])
+def test_other_model_types_import_with_hf_outputs(kind, family, other_dirs, tmp_path):
+    """The run's config names our family, its tokenizer is the model's, and its outputs equal the HF
+    class that saved it (masked-LM logits, seq2seq logits with a padded source, MoE causal-LM logits)."""
+    from weightsmith.config import load_toml
+
+    d = other_dirs[kind]
+    run_dir = import_hf(d, tmp_path / "run")
+    assert load_toml(run_dir / "config.toml")["model"]["family"] == family
+    run = load_run(run_dir)
+    hf = type(_hf_other(kind, run.model.config.vocab_size)).from_pretrained(d).eval()
+    ids = run.tokenizer.encode("KING. The lord my heart doth love the queen")
+    x = torch.tensor([ids, ids[::-1]])
+    with torch.no_grad():
+        if kind == "t5":
+            mask = torch.ones_like(x, dtype=torch.bool)
+            mask[1, -3:] = False
+            tgt = torch.tensor([ids[:5], ids[5:10]])
+            ref = hf(input_ids=x, attention_mask=mask.long(), decoder_input_ids=tgt).logits
+            torch.testing.assert_close(run.model(x, tgt, src_mask=mask), ref, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(run.model(x), hf(x).logits, rtol=1e-5, atol=1e-5)
+    if kind == "mixtral":
+        assert run.model.config.n_experts == 4 and run.model.config.n_experts_per_token == 2
+
+
+def _task_of(run_dir):
+    from weightsmith.config import load_toml
+    from weightsmith.recipe import recipe_from_tree
+
+    recipe = recipe_from_tree(load_toml(run_dir / "config.toml"))
+    task = recipe.task_cls(recipe.task, recipe.data, recipe.train, recipe.sample)
+    task.setup(run_dir, resume=False, log=lambda *a: None)
+    task.check_model(load_run(run_dir).model.config)
+    return task
+
+
+def _corrupted_loss_by_hand(task, hf_dir, kind):
+    """Mean cross-entropy (nats) of the HF model over the task's validation windows, corrupted as its
+    evaluation corrupts them (eval_seed): at the masked positions (BERT) or over the targets (T5)."""
+    from weightsmith.tasks.masked_lm import IGNORE, eval_windows
+
+    hf = type(_hf_other(kind, 8)).from_pretrained(hf_dir).eval()
+    g = torch.Generator().manual_seed(task.cfg.eval_seed)
+    nats, n = 0.0, 0
+    with torch.no_grad():
+        for rows in eval_windows(task.data.val, task._seq_len, task.train_cfg.eval_batch_size, None):
+            batch = task._corrupt(rows, g)
+            if kind == "bert":
+                logits, sel = hf(batch.inputs).logits, batch.targets != IGNORE
+                logits, targets = logits[sel], batch.targets[sel]
+            else:
+                logits = hf(input_ids=batch.src, decoder_input_ids=batch.tgt_in).logits.flatten(0, 1)
+                targets = batch.tgt_out.flatten()
+            nats += float(F.cross_entropy(logits, targets, reduction="sum"))
+            n += targets.numel()
+    return nats / n
+
+
+@pytest.mark.parametrize("kind", ["bert", "t5", "mixtral"])
+def test_other_model_types_evaluate_on_their_own_ids(kind, other_dirs, tiny_corpus, cache_dir, tmp_path):
+    """weightsmith eval measures an imported BERT (masked LM) and T5 (span corruption) with the
+    tokenizer's own [MASK], <pad> and <extra_id_i> (nothing appended past the checkpoint's vocabulary),
+    and an imported Mixtral (causal LM) at the loss a hand loop over the HF model gives."""
+    import math
+
+    from weightsmith.data.corpus import split_text
+    from weightsmith.eval.run import evaluate_run
+
+    run_dir = import_hf(other_dirs[kind], tmp_path / "run", [f"--data.corpus={tiny_corpus}", "--train.seq_len=32"])
+    result = evaluate_run(run_dir)
+    loss = result[{"bert": "masked_loss", "t5": "denoise_loss", "mixtral": "val_loss"}[kind]]
+    assert math.isfinite(loss)
+    task, tok = _task_of(run_dir), load_run(run_dir).tokenizer
+    assert task.n_appended() == 0 and task.model_fields()["vocab_size"] == tok.vocab_size
+    if kind in ("bert", "t5"):
+        if kind == "bert":
+            assert task.mask_id == tok.token_id("[MASK]") < tok.vocab_size
+        else:
+            assert task.start_id == tok.token_id("<pad>")
+            assert task.sentinel_ids.tolist() == [tok.token_id(f"<extra_id_{i}>") for i in range(64)]
+        assert loss == pytest.approx(_corrupted_loss_by_hand(task, other_dirs[kind], kind), rel=1e-4)
+    else:
+        hf = tr.MixtralForCausalLM.from_pretrained(other_dirs[kind]).eval()
+        val_ids = tok.encode(split_text(tiny_corpus.read_text())[1])
+        assert loss == pytest.approx(_val_loss_by_hand(hf, val_ids, 32), rel=2e-3)

@@ -127,6 +127,10 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
 
+    def token_id(self, token: str) -> int | None:
+        """The id of the vocabulary entry ``token`` (e.g. an imported model's ``[MASK]``), or None."""
+        return self.hf.token_to_id(token)
+
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
 

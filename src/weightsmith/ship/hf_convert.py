@@ -376,7 +376,9 @@ def t5_to_ours(hf: dict[str, Any], sd: StateDict) -> tuple[Any, StateDict]:
 
     The relative attention bias lives in HF's block 0 of each stack; ours is one module per stack.
     ``tie_word_embeddings`` (T5 v1.0: tied lm_head and the d_model^-0.5 output scaling) is ours
-    ``tie_embeddings``; v1.1 (``false``) keeps a separate ``lm_head.weight``.
+    ``tie_embeddings``; v1.1 (``false``) keeps a separate ``lm_head.weight``. transformers 5 marks v1.1 by
+    ``scale_decoder_outputs=false`` beside a forced ``tie_word_embeddings=true`` and saves no head; the
+    unscaled shared embedding is then copied into ours.
 
     Raises:
         ConfigError: for a feed-forward other than ``relu`` or ``gated-gelu``.
@@ -410,7 +412,14 @@ def t5_to_ours(hf: dict[str, Any], sd: StateDict) -> tuple[Any, StateDict]:
             pairs += [("mlp_norm", f"{ff_i}.layer_norm")] + [(o, f"{ff_i}.{n}") for o, n in mlp]
             for ours, theirs in pairs:
                 out[f"{b}{ours}.weight"] = _take(sd, f"{h}{theirs}.weight")
-    out["lm_head.weight"] = out["shared.weight"] if cfg.tie_embeddings else _take(sd, "lm_head.weight")
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = out["shared.weight"]
+    elif "lm_head.weight" not in sd and hf.get("tie_word_embeddings") is True:
+        # transformers >= 5 writes v1.1 as tie_word_embeddings=true, scale_decoder_outputs=false and saves
+        # no lm_head (its head is the shared embedding, unscaled): ours keeps an untied copy of it
+        out["lm_head.weight"] = out["shared.weight"].clone()
+    else:
+        out["lm_head.weight"] = _take(sd, "lm_head.weight")
     return cfg, out
 
 

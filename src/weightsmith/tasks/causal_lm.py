@@ -71,6 +71,16 @@ class TextTask(Task):
         """Ids the task appends after the tokenizer's (a mask token, sentinels)."""
         return 0
 
+    def n_appended(self) -> int:
+        """Ids this run appends after its tokenizer's: ``n_special()``, or 0 where the tokenizer has the
+        task's special tokens itself (an imported BERT's ``[MASK]``, T5's ``<extra_id_i>``)."""
+        return self.n_special()
+
+    def own_token_id(self, token: str) -> int | None:
+        """The tokenizer's own id of ``token`` (only imported Hugging Face vocabularies have one), or None."""
+        lookup = getattr(self.tokenizer, "token_id", None)
+        return None if lookup is None else lookup(token)
+
     def setup(self, run_dir: Path, *, resume: bool, log=print) -> None:
         from weightsmith.data.prepare import prepare
         from weightsmith.train.init_from import run_tokenizer
@@ -88,10 +98,10 @@ class TextTask(Task):
         return self.data.tokenizer
 
     def model_fields(self) -> dict[str, Any]:
-        return {"vocab_size": self.tokenizer.vocab_size + self.n_special()}
+        return {"vocab_size": self.tokenizer.vocab_size + self.n_appended()}
 
     def check_model(self, model_cfg: Any) -> None:
-        need = self.tokenizer.vocab_size + self.n_special()
+        need = self.tokenizer.vocab_size + self.n_appended()
         if model_cfg.vocab_size < need:
             raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the {need} ids the data "
                               f"needs; remove it from the recipe to use the tokenizer's")

@@ -9,6 +9,8 @@ replacement, so a micro-batch's loss always averages the same number of predicti
 
 Ids: the tokenizer's ``0 .. V_tok - 1``, then ``[MASK] = V_tok`` (``n_special() = 1``); the model's
 ``vocab_size`` is ``V_tok + 1``. Random replacements are drawn from the real vocabulary ``[0, V_tok)``.
+A tokenizer that has a mask token of its own (an imported BERT's ``[MASK]``, RoBERTa's ``<mask>``) keeps
+its id and nothing is appended, so an imported checkpoint is evaluated and fine-tuned on its own ids.
 There is no [CLS]/[SEP] and no next-sentence prediction: a window is one stretch of the corpus (the
 NSP ablation of Liu et al. 2019, RoBERTa, found it unnecessary).
 
@@ -149,9 +151,20 @@ class MaskedLM(TextTask):
     def n_special(cls) -> int:
         return 1  # [MASK]
 
+    def n_appended(self) -> int:
+        return 0 if self._own_mask() is not None else 1
+
+    def _own_mask(self) -> int | None:
+        """An imported tokenizer's own mask token: BERT's ``[MASK]`` or RoBERTa's ``<mask>``."""
+        for token in ("[MASK]", "<mask>"):
+            if (i := self.own_token_id(token)) is not None:
+                return i
+        return None
+
     @property
     def mask_id(self) -> int:
-        return self.tokenizer.vocab_size
+        own = self._own_mask()
+        return self.tokenizer.vocab_size if own is None else own
 
     def _corrupt(self, rows: torch.Tensor, generator: torch.Generator) -> MaskedBatch:
         c = self.cfg

@@ -18,7 +18,9 @@ With fixed-length windows every batch has the same source and target lengths, so
 
 Ids: the tokenizer's ``0 .. V_tok - 1``, then the decoder start id ``V_tok`` (T5's pad, which starts its
 decoder; no padding ever occurs here), then ``N_SENTINELS = 64`` sentinels ``V_tok + 1 + i`` in the order
-they appear (T5's ``<extra_id_i>`` count down from the top of its vocabulary; ours count up). 64 allow
+they appear (T5's ``<extra_id_i>`` count down from the top of its vocabulary; ours count up). A
+tokenizer with T5's own ``<pad>`` and ``<extra_id_0>`` .. ``<extra_id_63>`` (an imported T5) keeps those
+ids and nothing is appended. 64 allow
 63 spans plus the closing sentinel: windows of up to ~1,260 tokens at the default density and span
 length; :meth:`SpanCorruption.check_model` refuses longer ones. The model's ``vocab_size`` is
 ``V_tok + 65``.
@@ -74,10 +76,16 @@ def random_segmentation(n_items: int, n_segments: int, batch_size: int, generato
     return torch.cat([zero, cuts, zero + n_items], dim=1).diff(dim=1)
 
 
-def corrupt_spans(tokens: torch.Tensor, *, sentinel_base: int, start_id: int, noise_density: float = 0.15,
-                  mean_span_length: float = 3.0, generator: torch.Generator) -> SpanBatch:
+def corrupt_spans(tokens: torch.Tensor, *, sentinel_base: int | None = None, start_id: int,
+                  noise_density: float = 0.15, mean_span_length: float = 3.0, generator: torch.Generator,
+                  sentinel_ids: torch.Tensor | None = None) -> SpanBatch:
     """T5's span corruption of a batch of windows ``tokens`` (B, L) int64 (CPU); sentinel i is
-    ``sentinel_base + i``. Shapes: src (B, L - n_noise + n_spans), tgt (B, n_noise + n_spans + 1)."""
+    ``sentinel_base + i``, or ``sentinel_ids[i]`` when that (N,) int64 table is given instead (an imported
+    T5's ``<extra_id_i>``). Shapes: src (B, L - n_noise + n_spans), tgt (B, n_noise + n_spans + 1)."""
+    if sentinel_ids is None:
+        if sentinel_base is None:
+            raise ValueError("corrupt_spans needs sentinel_base or sentinel_ids")
+        sentinel_ids = sentinel_base + torch.arange(N_SENTINELS)
     B, L = tokens.shape
     n_noise, n_spans = span_counts(L, noise_density, mean_span_length)
     noise_len = random_segmentation(n_noise, n_spans, B, generator)  # (B, k)
@@ -89,29 +97,35 @@ def corrupt_spans(tokens: torch.Tensor, *, sentinel_base: int, start_id: int, no
     noise = seg % 2 == 1
     span = seg // 2  # which (kept, noise) pair a position belongs to
     first = pos == (seg_end - seg_len).gather(1, seg)  # first position of its segment
-    sentinel = sentinel_base + span
+    sentinel = sentinel_ids[span]
     src = torch.where(noise & first, sentinel, tokens)[~noise | first].view(B, L - n_noise + n_spans)
     tgt = torch.where(~noise & first, sentinel, tokens)[noise | first].view(B, n_noise + n_spans)
-    tgt_out = torch.cat([tgt, torch.full((B, 1), sentinel_base + n_spans)], dim=1)
+    tgt_out = torch.cat([tgt, torch.full((B, 1), int(sentinel_ids[n_spans]))], dim=1)
     tgt_in = torch.cat([torch.full((B, 1), start_id), tgt_out[:, :-1]], dim=1)
     return SpanBatch(src, tgt_in, tgt_out)
 
 
-def reconstruct(src: torch.Tensor, tgt_out: torch.Tensor, sentinel_base: int) -> list[int]:
+def reconstruct(src: torch.Tensor, tgt_out: torch.Tensor, sentinel_base: int | None = None,
+                sentinel_ids: torch.Tensor | None = None) -> list[int]:
     """The original window from one example's encoder input (S,) and target (T,): every sentinel of
-    ``src`` replaced by the tokens after the same sentinel in ``tgt_out``. The inverse of
-    :func:`corrupt_spans`, for tests and for reading a model's output."""
+    ``src`` (an id >= ``sentinel_base``, or one of ``sentinel_ids``) replaced by the tokens after the same
+    sentinel in ``tgt_out``. The inverse of :func:`corrupt_spans`, for tests and for reading a model's output."""
+    sentinels = set(sentinel_ids.tolist()) if sentinel_ids is not None else None
+
+    def is_sentinel(t: int) -> bool:
+        return t in sentinels if sentinels is not None else t >= sentinel_base
+
     spans: dict[int, list[int]] = {}
     current = None
     for t in tgt_out.tolist():
-        if t >= sentinel_base:
+        if is_sentinel(t):
             current = t
             spans[current] = []
         elif current is not None:
             spans[current].append(t)
     out: list[int] = []
     for t in src.tolist():
-        out.extend(spans[t] if t >= sentinel_base else [t])
+        out.extend(spans[t] if is_sentinel(t) else [t])
     return out
 
 
@@ -145,9 +159,27 @@ class SpanCorruption(TextTask):
     def n_special(cls) -> int:
         return 1 + N_SENTINELS  # decoder start, then the sentinels
 
+    def _own_ids(self) -> tuple[int, torch.Tensor] | None:
+        """An imported T5 tokenizer's own (decoder start ``<pad>``, sentinels ``<extra_id_0..63>``), or None."""
+        start = self.own_token_id("<pad>")
+        sentinels = [self.own_token_id(f"<extra_id_{i}>") for i in range(N_SENTINELS)]
+        if start is None or None in sentinels:
+            return None
+        return start, torch.tensor(sentinels)
+
+    def n_appended(self) -> int:
+        return 0 if self._own_ids() is not None else self.n_special()
+
     @property
     def start_id(self) -> int:
-        return self.tokenizer.vocab_size
+        own = self._own_ids()
+        return self.tokenizer.vocab_size if own is None else own[0]
+
+    @property
+    def sentinel_ids(self) -> torch.Tensor:
+        """(N_SENTINELS,) int64: sentinel i's id, appended (``V_tok + 1 + i``) or the tokenizer's own."""
+        own = self._own_ids()
+        return self.tokenizer.vocab_size + 1 + torch.arange(N_SENTINELS) if own is None else own[1]
 
     def check_model(self, model_cfg: Any) -> None:
         super().check_model(model_cfg)
@@ -158,7 +190,7 @@ class SpanCorruption(TextTask):
                               f"raise task.mean_span_length")
 
     def _corrupt(self, rows: torch.Tensor, generator: torch.Generator) -> SpanBatch:
-        return corrupt_spans(rows, sentinel_base=self.start_id + 1, start_id=self.start_id,
+        return corrupt_spans(rows, sentinel_ids=self.sentinel_ids, start_id=self.start_id,
                              noise_density=self.cfg.noise_density, mean_span_length=self.cfg.mean_span_length,
                              generator=generator)
 
@@ -201,7 +233,7 @@ class SpanCorruption(TextTask):
             logits, tgt = logits.float().cpu(), batch.tgt_out
             s["nats"] += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum"))
             hit = logits.argmax(-1) == tgt
-            text = tgt < self.start_id  # the dropped text itself, without the sentinels
+            text = ~torch.isin(tgt, self.sentinel_ids)  # the dropped text itself, without the sentinels
             s["correct"] += float(hit.sum())
             s["targets"] += tgt.numel()
             s["span_correct"] += float((hit & text).sum())

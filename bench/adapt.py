@@ -16,7 +16,8 @@ Columns:
 
 - Milton val_bpb: bits per byte over the whole held-out last 10% of Milton (the run's eval.json);
 - Shakespeare val_bpb: the same model over the main job's whole Shakespeare validation split, with the
-  main job's tokenizer (forgetting; the source's own number is the untouched row);
+  main job's tokenizer (forgetting; the source's own number is the untouched row), as
+  ``weightsmith eval RUN --data.corpus=shakespeare`` measures it;
 - trainable parameters: parameters with ``requires_grad`` in the trained model;
 - peak training memory: a profiled training peak in bytes, the model's own tensors (base, NF4 buffers,
   adapters) plus the running peak of ``torch.profiler``'s allocator events over ``--profile-steps``
@@ -64,16 +65,12 @@ def _final_state(run: Path) -> tuple[int, float]:
     return (rows[-1]["step"], rows[-1]["elapsed_s"]) if rows else (0, 0.0)
 
 
-def bpb_on(model, config: dict, tokenizer, corpus: str) -> float:
-    """val_bpb of ``model`` over the whole validation split of ``corpus`` built with ``tokenizer``."""
-    from weightsmith.config import from_dict
-    from weightsmith.data.prepare import DataConfig, prepare
-    from weightsmith.ship.quantize import _measure
+def bpb_on(run: Path, corpus: str) -> float:
+    """val_bpb of ``run``'s model over the whole validation split of ``corpus``, tokenized with the run's
+    own tokenizer (``weightsmith eval RUN --data.corpus=CORPUS``)."""
+    from weightsmith.eval.run import evaluate_on
 
-    section = {**config["data"], "corpus": corpus}
-    section.pop("tokenizer_from", None)
-    data = prepare(from_dict(DataConfig, section, "data"), tokenizer=tokenizer, log=lambda *a: None)
-    return _measure(model, config, data.val, tokenizer.token_bytes())["val_bpb"]
+    return evaluate_on(run, [f"--data.corpus={corpus}"])["val_bpb"]
 
 
 def profiled_peak(model, config: dict, tokenizer, steps: int) -> int:
@@ -103,9 +100,7 @@ def measure_run(run: Path, label: str, profile_steps: int, source_corpus: str) -
     ev = json.loads((run / "eval.json").read_text())
     loaded = load_run(run)
     model, config, tok = loaded.model, loaded.config, loaded.tokenizer
-    model.eval()
-    with torch.no_grad():
-        shakespeare = bpb_on(model, config, tok, source_corpus)
+    shakespeare = bpb_on(run, source_corpus)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak = profiled_peak(load_run(run).model, config, tok, profile_steps)
     steps, seconds = _final_state(run)
@@ -115,13 +110,8 @@ def measure_run(run: Path, label: str, profile_steps: int, source_corpus: str) -
 
 
 def untouched_row(source: Path, source_corpus: str, target_corpus: str) -> dict:
-    from weightsmith.train.checkpoint import load_run
 
-    loaded = load_run(source)
-    loaded.model.eval()
-    with torch.no_grad():
-        milton = bpb_on(loaded.model, loaded.config, loaded.tokenizer, target_corpus)
-        shakespeare = bpb_on(loaded.model, loaded.config, loaded.tokenizer, source_corpus)
+    milton, shakespeare = bpb_on(source, target_corpus), bpb_on(source, source_corpus)
     return {"row": "untouched", "run": str(source), "milton_val_bpb": milton, "shakespeare_val_bpb": shakespeare,
             "trainable_params": 0, "train_peak_bytes": None, "steps": 0, "train_seconds": 0.0, "adapter": None}
 

@@ -259,14 +259,40 @@ def test_generate_max_new_tokens_must_be_positive(trained, capsys, n):
              needles=("--max-new-tokens", ">= 1", n))
 
 
-@pytest.mark.parametrize("argv", [["eval", "RUN"], ["generate", "RUN", "--prompt", "a"],
+@pytest.mark.parametrize("argv", [["generate", "RUN", "--prompt", "a"],
                                   ["export", "RUN", "--format", "hf", "--out", "OUT"],
                                   ["quantize", "RUN", "--method", "int8", "--out", "OUT"], ["models"]])
 def test_overrides_are_rejected_where_nothing_reads_them(trained, tmp_path, capsys, argv):
     argv = [trained[0] if a == "RUN" else tmp_path / "o" if a == "OUT" else a for a in argv]
     one_line(capsys, *argv, "--train.max_steps=1", needles=(f"{argv[0]} takes no --section.key overrides",
-                                                              "--train.max_steps=1", "prepare, train and inspect"))
+                                                              "--train.max_steps=1", "prepare, train, inspect"))
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_on_other_data_leaves_the_run_as_it_is(trained, env, tiny_corpus, tmp_path, capsys, monkeypatch):
+    """eval --data.corpus=X measures the run's model on X with the run's tokenizer: on the run's own
+    corpus it equals plain eval; on another it differs, goes to --out only, and eval.json is untouched."""
+    monkeypatch.setenv("WEIGHTSMITH_CACHE", env["env"]["WEIGHTSMITH_CACHE"])
+    run = trained[0]
+    before = (run / "eval.json").read_bytes()
+    code, out, err = cli(capsys, "eval", run, f"--data.corpus={tiny_corpus}")
+    assert code == 0, err
+    own = json.loads(out)
+    assert own["val_loss"] == pytest.approx(json.loads(before)["val_loss"], rel=1e-9)
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(reversed(tiny_corpus.read_text().split())))  # same words, another text
+    code, out, err = cli(capsys, "eval", run, f"--data.corpus={other}", "--out", tmp_path / "other.json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert json.loads((tmp_path / "other.json").read_text()) == result
+    assert result["data"] == [f"--data.corpus={other}"] and result["val_loss"] != own["val_loss"]
+    assert (run / "eval.json").read_bytes() == before and not (run / "shakespeare_eval.json").exists()
+    one_line(capsys, "eval", run, f"--data.corpus={other}", "--out", tmp_path / "other.json",
+             needles=("already exists",))
+    one_line(capsys, "eval", run, "--train.max_steps=1", needles=("only --data.*", "--train.max_steps=1"))
+    one_line(capsys, "eval", run, "--data.vocab_size=300", needles=("own tokenizer", "--data.vocab_size"))
+    one_line(capsys, "eval", run, "--out", tmp_path / "x.json", needles=("--data.*",))
+    assert (run / "eval.json").read_bytes() == before and not (tmp_path / "x.json").exists()
 
 
 def test_overrides_still_reach_inspect(capsys):

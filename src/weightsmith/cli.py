@@ -2,7 +2,7 @@
 
     weightsmith prepare RECIPE [--force] [--section.key=value ...]
     weightsmith train RECIPE [--out DIR] [--resume] [--print-config] [--section.key=value ...]
-    weightsmith eval RUN_DIR
+    weightsmith eval RUN_DIR [--data.key=value ... [--out FILE]]
     weightsmith predict RUN_DIR IMAGE [IMAGE ...] [--top-k K] [--json]
     weightsmith generate RUN_DIR --prompt TEXT | --prompts-file FILE [--draft RUN_DIR [--num-draft-tokens K]]
                                  [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
@@ -23,9 +23,9 @@
                               [--sampler S --steps N --guidance W] [--model.key=value ...]
     weightsmith --version
 
-Dotted overrides (``--section.key=value``) are taken by prepare, train, sweep, coord-check, inspect and import
-only; the other subcommands reject them. Errors a user can cause, bad arguments included, print one line,
-``error: ...``, and exit with status 2.
+Dotted overrides (``--section.key=value``) are taken by prepare, train, sweep, coord-check, inspect, import
+and eval (``--data.*`` only) only; the other subcommands reject them. Errors a user can cause, bad arguments
+included, print one line, ``error: ...``, and exit with status 2.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from collections.abc import Callable
 from weightsmith import __version__
 from weightsmith.errors import TrainingInterrupted, WeightsmithError
 
-OVERRIDE_COMMANDS = ("prepare", "train", "inspect", "sweep", "coord-check", "import")
+OVERRIDE_COMMANDS = ("prepare", "train", "inspect", "sweep", "coord-check", "import", "eval")
 
 OVERRIDES_HELP = """\
 overrides:
@@ -59,8 +59,12 @@ examples:
   weightsmith train recipes/tiny.toml --model.n_layers=4 --print-config
   weightsmith train recipes/tiny.toml --out runs/tiny --resume""",
     "eval": """\
-example:
-  weightsmith eval runs/tiny""",
+examples:
+  weightsmith eval runs/tiny
+  weightsmith eval runs/milton-lora --data.corpus=shakespeare --out runs/milton-lora/shakespeare_eval.json
+
+with --data.* overrides the run is measured on that data with its own tokenizer (forgetting, transfer);
+RUN_DIR/eval.json is left as it is""",
     "predict": """\
 example:
   weightsmith predict runs/fmnist-resnet shoe.png shirt.jpg --top-k 3""",
@@ -168,8 +172,8 @@ def _split_overrides(extra: list[str], command: str) -> list[str]:
         hint = "; overrides look like --train.max_steps=200" if command in OVERRIDE_COMMANDS else ""
         raise _UsageError(f"unrecognized arguments: {' '.join(bad)}{hint} (see 'weightsmith {command} --help')")
     if extra and command not in OVERRIDE_COMMANDS:
-        raise _UsageError(f"{command} takes no --section.key overrides; only prepare, train and inspect take "
-                          f"them, and sweep for its trials (got {' '.join(extra)})")
+        raise _UsageError(f"{command} takes no --section.key overrides; only {', '.join(OVERRIDE_COMMANDS)} take "
+                          f"them (got {' '.join(extra)})")
     return extra
 
 
@@ -200,10 +204,17 @@ def _cmd_train(args, overrides) -> int:
 
 
 def _cmd_eval(args, overrides) -> int:
-    """Evaluate a run on its whole validation split -> RUN_DIR/eval.json (printed)."""
-    from weightsmith.eval.run import evaluate_run
+    """Evaluate a run on its whole validation split -> RUN_DIR/eval.json (printed); with --data.*
+    overrides, on that data instead (the run's tokenizer) -> printed, and --out FILE if given."""
+    from weightsmith.eval.run import evaluate_on, evaluate_run
 
-    result = evaluate_run(args.run_dir)
+    if overrides:
+        result = evaluate_on(args.run_dir, overrides, args.out)
+    elif args.out is not None:
+        raise _UsageError("eval --out is for a measurement on other data (--data.* overrides); without them "
+                          "eval writes RUN_DIR/eval.json")
+    else:
+        result = evaluate_run(args.run_dir)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -415,6 +426,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
 
     p = add("eval", _cmd_eval)
     p.add_argument("run_dir", help="run directory written by train")
+    p.add_argument("--out", metavar="FILE", help="with --data.* overrides: also write the result to this new file")
 
     p = add("predict", _cmd_predict)
     p.add_argument("run_dir", help="classifier run directory written by train")

@@ -346,6 +346,41 @@ def test_eval_generate_export_and_quantize_work_on_an_adapted_run(adapted_run, t
         assert (q.model(idx) - loaded.model(idx)).abs().max() < 0.1
 
 
+def test_a_run_with_train_modules_moves_only_adapters_and_those_modules(tmp_path, tiny_corpus, capsys, monkeypatch):
+    """Through the trainer: the embedding (train_modules) and the adapters move, every other base weight
+    stays bit-identical to its init; the merged HF export equals the run; the peft export refuses in one line."""
+    from weightsmith.cli import main
+    from weightsmith.config import load_toml
+    from weightsmith.registry import build_config, model_from_config
+    from weightsmith.train.checkpoint import load_run
+
+    monkeypatch.setenv("WEIGHTSMITH_CACHE", str(tmp_path / "cache"))
+    recipe = tmp_path / "emb.toml"
+    recipe.write_text(RUN_RECIPE.format(corpus=tiny_corpus, method="lora") + 'train_modules = ["tok_emb"]\n')
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(run), "--train.max_steps=3"]) == 0
+    tree = load_toml(run / "config.toml")
+    model_tree = dict(tree["model"])
+    torch.manual_seed(tree["train"]["seed"])
+    init = model_from_config(model_tree.pop("family"), build_config("gpt", model_tree)).state_dict()
+    last = _ckpt_sd(run, 3)
+    moved = {k for k, t in last.items() if k.replace(".base.", ".") not in init
+             or not torch.equal(t, init[k.replace(".base.", ".")])}
+    assert "tok_emb.weight" in moved and moved <= {"tok_emb.weight"} | {
+        k for k in last if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    idx = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, load_run(run).model(idx), rtol=0, atol=1e-4)
+    capsys.readouterr()  # transformers' loading bars
+    assert main(["export", str(run), "--format", "peft", "--out", str(tmp_path / "peft")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train_modules" in err and "--format hf" in err
+    assert not (tmp_path / "peft").exists()
+
+
 # ------------------------------------------------------------------------------------------ inspect
 
 
@@ -393,6 +428,64 @@ def test_inspect_counts_trainable_parameters_and_state_of_the_real_module(tmp_pa
         assert a["memory_weights_bytes"] == (n_base + a["params_trainable"]) * 4
     assert a["memory_train_bytes"] < report["memory_train_bytes"]
     assert f"trainable {a['params_trainable']:,}" in format_report(report)
+
+
+def test_train_modules_train_in_full_beside_the_adapters_and_inspect_counts_them(tmp_path):
+    """adapter.train_modules (peft's modules_to_save): the selected modules' own parameters train, the
+    rest of the base stays frozen; inspect's counts, gradient and AdamW state bytes equal the real module's."""
+    from weightsmith.analysis.inspect import format_report, inspect_model
+    from weightsmith.train.config import TrainConfig
+    from weightsmith.train.optim import build_optimizer
+
+    model = _gpt(tie_embeddings=True)
+    idx = torch.randint(0, 37, (2, 9))
+    ref = model(idx)
+    cfg = AdapterConfig(rank=2, target_modules=["q_proj"], train_modules=["tok_emb", "blocks.1.mlp_norm"])
+    apply_adapters(model, cfg)
+    torch.testing.assert_close(model(idx), ref, rtol=0, atol=0)  # B = 0: the pass changes nothing
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"tok_emb.weight", "blocks.1.mlp_norm.weight"} | {
+        f"blocks.{i}.attn.q_proj.{k}" for i in range(2) for k in ("lora_A", "lora_B")}
+    assert model.lm_head.weight.requires_grad  # tied: the head is the embedding
+    n_emb, n_norm = 37 * 16, 16
+    assert trainable_parameters(model) == 2 * 2 * (16 + 16) + n_emb + n_norm
+    opt = build_optimizer("adamw", model, TrainConfig(lr=1e-2))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(2):  # B moves after the first step, so A gets a gradient on the second
+        model(idx).logsumexp(-1).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+    with pytest.raises(ConfigError, match="match no module"):
+        apply_adapters(_gpt(), AdapterConfig(target_modules=["q_proj"], train_modules=["wte"]))
+    with pytest.raises(ConfigError, match="trains in full or gets an adapter"):
+        apply_adapters(_gpt(), AdapterConfig(target_modules=["q_proj"], train_modules=["blocks.0.attn"]))
+    with pytest.raises(ConfigError, match="NF4"):
+        apply_adapters(_gpt(), AdapterConfig(method="qlora", target_modules=["q_proj"], train_modules=["mlp"]))
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\nfamily = "gpt"\nd_model = 24\nn_layers = 3\nn_heads = 2\nd_ff = 40\n'
+                      'max_seq_len = 16\nvocab_size = 53\ntie_embeddings = false\n'
+                      '[adapter]\nrank = 3\ntarget_modules = ["attn.q_proj"]\ntrain_modules = ["tok_emb"]\n')
+    report = inspect_model(str(recipe), batch_size=2, seq_len=7)
+    a = report["adapter"]
+    assert a["train_modules"] == ["tok_emb"]
+    assert a["params_trainable"] == 3 * 3 * (24 + 24) + 53 * 24
+    assert a["params_frozen"] == report["params_total"] - 53 * 24
+    torch.manual_seed(0)
+    from weightsmith.registry import create_model
+
+    real = create_model("gpt", vocab_size=53, d_model=24, n_layers=3, n_heads=2, d_ff=40, max_seq_len=16,
+                        tie_embeddings=False)
+    apply_adapters(real, AdapterConfig(rank=3, target_modules=["attn.q_proj"], train_modules=["tok_emb"]))
+    opt = build_optimizer("adamw", real, TrainConfig())
+    real(torch.randint(0, 53, (2, 7))).sum().backward()
+    opt.step()
+    assert a["memory_optimizer_bytes"] == sum(t.numel() * t.element_size() for s in opt.state.values()
+                                              for k, t in s.items() if k != "step")
+    assert a["memory_grads_bytes"] == sum(p.grad.numel() * 4 for p in real.parameters() if p.grad is not None)
+    assert "+ tok_emb in full" in format_report(report)
 
 
 def test_export_peft_of_an_adapted_run_loads_in_peft_on_the_base(adapted_run, tmp_path):

@@ -95,7 +95,8 @@ def _nf4_class():
 
 
 def apply_adapters(model: nn.Module, cfg: Any) -> nn.Module:
-    """Wrap the linears ``cfg.target_modules`` selects and freeze the rest, in place; returns ``model``.
+    """Wrap the linears ``cfg.target_modules`` selects and freeze the rest, except the modules
+    ``cfg.train_modules`` selects (:func:`train_module_names`), which train in full; in place, returns ``model``.
 
     Args:
         cfg: a :class:`weightsmith.recipe.AdapterConfig` (``method``, ``rank``, ``alpha``, ``dropout``,
@@ -108,11 +109,13 @@ def apply_adapters(model: nn.Module, cfg: Any) -> nn.Module:
     unchanged by the pass (exactly, for ``lora`` and ``dora``; up to NF4 rounding for ``qlora``).
 
     Raises:
-        ConfigError: see :func:`target_linears`; a model that already has adapters.
+        ConfigError: see :func:`target_linears` and :func:`train_module_names`; a model that already has
+            adapters.
     """
     if adapter_modules(model):
         raise ConfigError("the model already has adapters; apply [adapter] once")
     targets = target_linears(model, list(cfg.target_modules))
+    train = train_module_names(model, cfg, targets)  # before NF4 replaces the block linears
     if cfg.method == "qlora":
         nf4 = _nf4_class()
         frozen = [n for n, m in model.named_modules() if is_dense_linear(m) and n.startswith("blocks.")]
@@ -122,10 +125,36 @@ def apply_adapters(model: nn.Module, cfg: Any) -> nn.Module:
                 _set_module(model, n, FrozenQuantLinear(nf4.from_linear(lin)))
     for p in model.parameters():
         p.requires_grad_(False)
+    for n in train:  # peft's modules_to_save: these train in full
+        for p in model.get_submodule(n).parameters():
+            p.requires_grad_(True)
     for n in targets:
         cls = DoRALinear if cfg.method == "dora" else LoRALinear
         _set_module(model, n, cls(model.get_submodule(n), rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout))
     return model
+
+
+def train_module_names(model: nn.Module, cfg: Any, targets: list[str]) -> list[str]:
+    """Names of the modules ``cfg.train_modules`` selects (peft's ``modules_to_save``), in module order.
+
+    Raises:
+        ConfigError: a pattern that matches no module, or a selected module that holds an adapted linear
+            or (``qlora``) an NF4 one, which cannot train in full.
+    """
+    patterns = list(getattr(cfg, "train_modules", []) or [])
+    names = [n for n, _ in model.named_modules() if n and matches(n, patterns)]
+    missing = [p for p in patterns if not any(matches(n, [p]) for n in names)]
+    if missing:
+        raise ConfigError(f"adapter.train_modules {missing} match no module; top-level names are "
+                          f"{[n for n, _ in model.named_children()]}")
+    frozen = list(targets)
+    if cfg.method == "qlora" and cfg.quantize_frozen:
+        frozen += [n for n, m in model.named_modules() if is_dense_linear(m) and n.startswith("blocks.")]
+    clash = sorted({n for n in names for t in frozen if t == n or t.startswith(n + ".") or n.startswith(t + ".")})
+    if clash:
+        raise ConfigError(f"adapter.train_modules selects {clash}, which hold adapted (or NF4) linears; a module "
+                          "trains in full or gets an adapter, not both")
+    return names
 
 
 def adapter_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -366,7 +395,8 @@ def adapter_cost(family: str, cfg: Any, adapter: Any, *, batch_size: int, seq_le
 
     The model is built on the meta device and the pass applied (``qlora`` with ``lora``'s layers: the
     same trainable tensors), so ``params_trainable`` is the real module's count; it is checked against
-    the analytic sum over the adapted (in, out) linears of rank (in + out), plus out for DoRA.
+    the analytic sum over the adapted (in, out) linears of rank (in + out), plus out for DoRA, plus the
+    parameters of ``train_modules`` (which train in full: gradient and optimizer state at ``dtype``).
 
     Memory, at ``dtype`` except where said: weights = frozen base (NF4 linears at :func:`nf4_bytes`,
     everything else at ``dtype``) + adapters (fp32 for ``qlora``); grads and optimizer states for the
@@ -394,22 +424,25 @@ def adapter_cost(family: str, cfg: Any, adapter: Any, *, batch_size: int, seq_le
     qlora = adapter.method == "qlora"
     nf4_params = sum(model.get_submodule(n).weight.numel() for n in nf4_names) if qlora else 0
     nf4_total = sum(nf4_bytes(model.get_submodule(n).weight.numel()) for n in nf4_names) if qlora else 0
+    train_names = train_module_names(model, adapter, targets)
+    full = {id(p): p for n in train_names for p in model.get_submodule(n).parameters()}  # shared ones once
+    n_full = sum(p.numel() for p in full.values())
     apply_adapters(model, replace(adapter, method="dora" if adapter.method == "dora" else "lora"))
     trainable = trainable_parameters(model)
-    analytic = sum(adapter.rank * (i + o) + (o if adapter.method == "dora" else 0) for i, o in shapes.values())
-    if analytic != trainable:  # the analytic count must describe the pass exactly
-        raise RuntimeError(f"analytic adapter parameters {analytic} != the adapted module's {trainable}")
+    n_adapter = sum(adapter.rank * (i + o) + (o if adapter.method == "dora" else 0) for i, o in shapes.values())
+    if n_adapter + n_full != trainable:  # the analytic count must describe the pass exactly
+        raise RuntimeError(f"analytic trainable parameters {n_adapter} + {n_full} != the adapted module's {trainable}")
     na = 4 if qlora else nb  # QLoRA keeps its adapters in fp32
-    weights = (n_total - nf4_params) * nb + nf4_total + trainable * na
+    weights = (n_total - nf4_params) * nb + nf4_total + n_adapter * na  # train_modules are in n_total, at dtype
     act_extra = sum(batch_size * seq_len * (adapter.rank + (i if adapter.dropout > 0 else 0))
                     for i, _ in shapes.values()) * na
-    grads, opt = trainable * na, states * trainable * na
+    grads, opt = n_adapter * na + n_full * nb, states * (n_adapter * na + n_full * nb)
     act = base_memory["activations"] + act_extra
     peak = weights + base_memory["buffers"] + grads + opt + act + base_memory["backward_transient"]
     return {"method": adapter.method, "rank": adapter.rank, "alpha": adapter.alpha,
             "target_modules": list(adapter.target_modules), "adapted_linears": len(targets),
-            "params_trainable": trainable, "params_frozen": n_total, "params_nf4": nf4_params,
-            "trainable_fraction": trainable / (trainable + n_total),
+            "train_modules": train_names, "params_trainable": trainable, "params_frozen": n_total - n_full,
+            "params_nf4": nf4_params, "trainable_fraction": trainable / (n_adapter + n_total),
             "memory_weights_bytes": weights, "memory_nf4_bytes": nf4_total,
             "memory_grads_bytes": grads, "memory_optimizer_bytes": opt, "memory_activations_bytes": act,
             "memory_train_bytes": peak, "memory_train_full_bytes": base_memory["train_peak"]}

@@ -49,6 +49,10 @@ class AdapterConfig:
         "patterns of the linear layers to adapt, matched against module names (`blocks.0.attn.q_proj`) "
         "as a suffix after a dot or the whole name, with shell wildcards: `q_proj`, `attn.*`, "
         "`blocks.1.mlp.*`, `*` (every linear). A pattern that matches no linear is an error")})
+    train_modules: list[str] = field(default_factory=list, metadata={"doc": (
+        "patterns (as `target_modules`) of modules whose own parameters train in full beside the adapters, "
+        "peft's `modules_to_save`: `tok_emb` (with tied embeddings the head trains with it). A pattern "
+        "that matches no module is an error")})
     quantize_frozen: bool = field(default=True, metadata={"doc": (
         "`qlora` only: also store every other linear in the blocks (frozen) as NF4, not only the adapted ones")})
 
@@ -61,6 +65,8 @@ class AdapterConfig:
             raise ConfigError(f"adapter.alpha must be positive, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
+        if not all(isinstance(p, str) and p for p in self.train_modules):
+            raise ConfigError(f"adapter.train_modules must be a list of name patterns, got {self.train_modules!r}")
         if not self.target_modules or not all(isinstance(p, str) and p for p in self.target_modules):
             raise ConfigError(f"adapter.target_modules must be a non-empty list of name patterns, "
                               f"got {self.target_modules!r}")

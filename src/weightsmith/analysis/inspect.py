@@ -363,7 +363,8 @@ def format_report(report: dict[str, Any]) -> str:
         a = r["adapter"]
         nf4 = f" (NF4 {human(a['memory_nf4_bytes'], 'B')} for {a['params_nf4']:,} weights)" if a["params_nf4"] else ""
         lines[-1:-1] = [
-            f"adapter      {a['method']} rank {a['rank']} on {a['adapted_linears']} linears: trainable "
+            f"adapter      {a['method']} rank {a['rank']} on {a['adapted_linears']} linears"
+            f"{''.join(f' + {n} in full' for n in a.get('train_modules', []))}: trainable "
             f"{a['params_trainable']:,} ({a['trainable_fraction']:.2%}), frozen base {a['params_frozen']:,}",
             f"             weights {human(a['memory_weights_bytes'], 'B')}{nf4}  grads "
             f"{human(a['memory_grads_bytes'], 'B')}  optimizer {human(a['memory_optimizer_bytes'], 'B')}  "

@@ -202,7 +202,8 @@ def _export_peft(run_dir: Path, out: Path) -> Path:
     were trained on the NF4-rounded base, so they fit that base, not the float one, exactly.
 
     Raises:
-        ConfigError: the run has no ``[adapter]``, or peft's transformers model cannot hold its layers.
+        ConfigError: the run has no ``[adapter]``, trains ``train_modules`` in full (not exported yet), or
+            peft's transformers model cannot hold its layers.
     """
     from weightsmith.adapters import save_peft
     from weightsmith.train.checkpoint import load_run
@@ -210,6 +211,9 @@ def _export_peft(run_dir: Path, out: Path) -> Path:
     run = load_run(run_dir)
     if "adapter" not in run.config:
         raise ConfigError(f"{run_dir} has no [adapter] section: nothing to export as peft; use --format hf")
+    if run.config["adapter"].get("train_modules"):
+        raise ConfigError(f"{run_dir} trains {run.config['adapter']['train_modules']} in full beside its adapters "
+                          "(adapter.train_modules), which this peft export does not carry; use --format hf (merged)")
     with atomic_output_dir(out) as tmp:
         save_peft(run.model, run.model.config, tmp, dropout=float(run.config["adapter"].get("dropout", 0.0)))
         meta = {"format": "peft", "dtype": "f32", "run_dir": str(run_dir.resolve()),

@@ -8,8 +8,10 @@ lifted so the budget is what stops every row, and the learning-rate schedule fol
 - untouched: the source model, not trained;
 - full fine-tune: recipes/milton-finetune.toml (every weight trains, AdamW, lr 5e-4);
 - LoRA rank 8 and rank 32, DoRA, QLoRA: recipes/milton-lora.toml (adapters on every linear of the
-  blocks, base frozen, lr 3e-3), with ``--adapter.rank=32 --adapter.alpha=64``,
-  ``--adapter.method=dora`` and ``--adapter.method=qlora`` (an NF4 base, block 64, double quantization);
+  blocks, base frozen, lr 1e-2), with ``--adapter.rank=32 --adapter.alpha=64``,
+  ``--adapter.method=dora`` and ``--adapter.method=qlora`` (an NF4 base, block 64, double quantization),
+  and rank 8 with the (tied) embedding trained in full, ``--adapter.train_modules=["tok_emb"]`` (peft's
+  ``modules_to_save``);
 - from scratch: recipes/milton-scratch.toml (the main job's shape, the main job's tokenizer).
 
 Columns:
@@ -50,12 +52,13 @@ ROWS = (  # label, recipe, extra overrides
     ("LoRA r32", "milton-lora.toml", ["--adapter.rank=32", "--adapter.alpha=64.0"]),
     ("DoRA r8", "milton-lora.toml", ["--adapter.method=dora"]),
     ("QLoRA r8", "milton-lora.toml", ["--adapter.method=qlora"]),
+    ("LoRA r8 + embedding", "milton-lora.toml", ['--adapter.train_modules=["tok_emb"]']),
     ("from scratch", "milton-scratch.toml", []),
 )
 
 
 def _slug(label: str) -> str:
-    return label.lower().replace(" ", "-").replace("/", "")
+    return label.lower().replace(" + ", "-").replace(" ", "-").replace("/", "")
 
 
 def _final_state(run: Path) -> tuple[int, float]:

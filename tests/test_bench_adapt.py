@@ -30,7 +30,8 @@ def test_adapt_bench_runs_at_tiny_size(tmp_path, tiny_corpus, cache_dir):
     assert bench.main(args) == 0
     result = json.loads(stem.with_suffix(".json").read_text())
     rows = {r["row"]: r for r in result["rows"]}
-    assert list(rows) == ["untouched", "full fine-tune", "LoRA r8", "LoRA r32", "DoRA r8", "QLoRA r8", "from scratch"]
+    assert list(rows) == ["untouched", "full fine-tune", "LoRA r8", "LoRA r32", "DoRA r8", "QLoRA r8",
+                          "LoRA r8 + embedding", "from scratch"]
     n = rows["from scratch"]["trainable_params"]
     assert rows["full fine-tune"]["trainable_params"] == n
     # rank r on every block linear: r (in + out) each, DoRA adds a magnitude per output row
@@ -38,6 +39,12 @@ def test_adapt_bench_runs_at_tiny_size(tmp_path, tiny_corpus, cache_dir):
     assert rows["DoRA r8"]["trainable_params"] > rows["LoRA r8"]["trainable_params"]
     assert rows["QLoRA r8"]["trainable_params"] == rows["LoRA r8"]["trainable_params"]
     assert rows["QLoRA r8"]["adapter"]["method"] == "qlora"
+    emb = rows["LoRA r8 + embedding"]  # the tied embedding (V x d_model) trains in full beside rank 8
+    assert emb["adapter"]["train_modules"] == ["tok_emb"]
+    from weightsmith.config import load_toml
+
+    model = load_toml(source / "config.toml")["model"]
+    assert emb["trainable_params"] == rows["LoRA r8"]["trainable_params"] + model["vocab_size"] * model["d_model"]
     # the frozen NF4 base and the missing optimizer state show in the profiled peak
     assert rows["QLoRA r8"]["train_peak_bytes"] < rows["LoRA r8"]["train_peak_bytes"] \
         < rows["full fine-tune"]["train_peak_bytes"]

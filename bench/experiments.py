@@ -2,6 +2,7 @@
 
     python bench/experiments.py e2 --out runs/e2 [--seeds 3] [--steps 300]
     python bench/experiments.py e4 --out runs/e4 [--seeds 3] [--steps 2000]
+    python bench/experiments.py e4-needle --out runs/e4-needle [--seeds 3] [--steps 2000]
     python bench/experiments.py e5 --out runs/e5 [--seeds 3] [--max-time 60]
 
 E2, normalization ablation: an 8-layer GPT (d_model 64) on the main job's Shakespeare BPE-1024 data
@@ -26,6 +27,10 @@ counts past the training ones test generalization. The report (``report.md``) gi
 seeds per cell, a heatmap per family (``e4_<family>.png``, seed mean), accuracy against sequence length
 at 8 pairs (``e4_by_length.png``) beside the 1/D accuracy of a model that answers with a random value
 from its context (the "copy" floor; chance is 1/32), and the seed-to-seed spread beside each difference.
+
+E4's needle probe (``e4-needle``): the same families trained on needle-in-a-haystack sequences of
+length 64 (batch 64, the needle pair at a uniform depth in a haystack of value and noise ids), scored at
+lengths 64..1024 x needle depths 0, 0.25, 0.5, 0.75, 1 (``needle_<family>.png``, ``needle_by_length.png``).
 
 Every run is an ordinary run directory under ``--out``/<variant>-s<seed> (config, checkpoints,
 metrics.jsonl, eval.json, recall.png), trained in this process by the generic trainer. Run it alone:
@@ -65,6 +70,19 @@ def e4_tree(model: dict, seed: int, steps: int) -> dict:
             "train": {"seed": seed, "batch_size": 16, "max_steps": steps, "max_time": 100000.0, "lr": 3e-3,
                       "min_lr": 3e-4, "warmup_steps": 50, "weight_decay": 0.1, "grad_clip": 1.0,
                       "eval_every": 100000, "ckpt_every": 100000, "log_every": 10, "eval_batch_size": 32}}
+
+
+NEEDLE_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+NEEDLE_TRAIN_LEN = 64
+
+
+def needle_tree(model: dict, seed: int, steps: int) -> dict:
+    """E4's needle probe: trained at length 64 (uniform depth), scored at 64..1024 x five depths."""
+    tree = e4_tree(model, seed, steps)
+    tree["data"] = {"kind": "needle", "seq_len": NEEDLE_TRAIN_LEN, "n_keys": E4_KEYS, "n_values": E4_KEYS,
+                    "n_noise": E4_KEYS, "eval_seq_lens": LENGTHS, "eval_depths": NEEDLE_DEPTHS, "eval_examples": 64}
+    tree["train"]["batch_size"] = 64
+    return tree
 
 
 def text_tree(model: dict, seed: int, train: dict) -> dict:
@@ -389,9 +407,78 @@ def e4_report(results: dict[str, list[dict]], out: Path, args) -> str:
     return text
 
 
+def needle_report(results: dict[str, list[dict]], out: Path, args) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from weightsmith.tasks.recall import save_heatmap
+
+    names = list(results)
+    depths = [f"{d:g}" for d in NEEDLE_DEPTHS]
+    lines = ["# E4: needle in a haystack", "",
+             f"Command: `python {' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d %H:%M')}). "
+             f"{len(results[names[0]])} seeds per family, {args.steps} optimizer steps of batch 64 each at length "
+             f"{NEEDLE_TRAIN_LEN} (needle at a uniform depth). The haystack is drawn from the {E4_KEYS} value and "
+             f"{E4_KEYS} noise ids, so answering with a value from the context is no shortcut; chance is "
+             f"1/{E4_KEYS}. Scored on 64 fixed-seed sequences per (length, depth) cell; lengths past "
+             f"{NEEDLE_TRAIN_LEN} test length generalization.", "",
+             f"| family | params | mean accuracy over the grid | at L={NEEDLE_TRAIN_LEN} (trained) | at L=1024 |",
+             "|---|---|---|---|---|"]
+    by_len = {}
+    for n in names:
+        evs = results[n]
+        m, s = mean_std([e["mean_acc"] for e in evs])
+        at = {L: mean_std([statistics.fmean(e["accuracy"][d][str(L)] for d in depths) for e in evs])
+              for L in LENGTHS}
+        t, tl = at[NEEDLE_TRAIN_LEN], at[LENGTHS[-1]]
+        lines.append(f"| {n} | {evs[0]['params']:,} | {m:.3f} ± {s:.3f} | {t[0]:.3f} ± {t[1]:.3f} | "
+                     f"{tl[0]:.3f} ± {tl[1]:.3f} |")
+        grid = {d: {str(L): statistics.fmean(e["accuracy"][d][str(L)] for e in evs) for L in LENGTHS} for d in depths}
+        save_heatmap(grid, out / f"needle_{n}.png", f"E4 needle, {n}: accuracy, mean of {len(evs)} seeds",
+                     "needle depth (fraction of the haystack)")
+        by_len[n] = [(L, *at[L]) for L in LENGTHS]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for n, pts in by_len.items():
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                    label=n)
+    ax.set_xscale("log", base=2)
+    ax.axhline(1 / E4_KEYS, color="grey", ls="--", lw=0.8, label=f"chance (1/{E4_KEYS})")
+    ax.set_xlabel(f"sequence length (tokens; trained at {NEEDLE_TRAIN_LEN})")
+    ax.set_ylabel("accuracy (mean over depths)")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "needle_by_length.png", dpi=110)
+    plt.close(fig)
+    ref = names[0]
+    m0, s0 = mean_std([e["mean_acc"] for e in results[ref]])
+    lines += ["", f"Differences from {ref} in mean accuracy (spread: the two seed std's):", ""]
+    for n in names[1:]:
+        m, s = mean_std([e["mean_acc"] for e in results[n]])
+        lines.append(f"- {n}: {m - m0:+.3f} (std {s:.3f} vs {s0:.3f})")
+    lines += ["", "Per seed, mean accuracy over the grid: " + "; ".join(
+        f"{n} " + ", ".join(f"{e['mean_acc']:.3f}" for e in results[n]) for n in names), ""]
+    for n in names:
+        evs = results[n]
+        lines += [f"**{n}**", "", "| depth \\ L | " + " | ".join(map(str, LENGTHS)) + " |",
+                  "|---" * (len(LENGTHS) + 1) + "|"]
+        for d in depths:
+            cells = [f"{mean_std([e['accuracy'][d][str(L)] for e in evs])[0]:.2f} ± "
+                     f"{mean_std([e['accuracy'][d][str(L)] for e in evs])[1]:.2f}" for L in LENGTHS]
+            lines.append(f"| {d} | " + " | ".join(cells) + " |")
+        lines += ["", f"![{n}](needle_{n}.png)", ""]
+    lines += ["![by length](needle_by_length.png)", ""]
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("experiment", choices=["e2", "e4", "e5"])
+    ap.add_argument("experiment", choices=["e2", "e4", "e4-needle", "e5"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--max-time", type=float, default=None, help="training seconds per run (e4: 90, e5: 60)")
@@ -402,7 +489,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = range(args.seeds)
-    args.steps = args.steps or {"e2": 300, "e4": 2000}.get(args.experiment)
+    args.steps = args.steps or {"e2": 300, "e4": 2000, "e4-needle": 2000}.get(args.experiment)
     if args.experiment == "e2":
         trees = {n: [text_tree({"d_model": 64, "n_layers": 8, "n_heads": 4, "max_seq_len": 128, **e2_variant(n)}, s,
                                {"max_steps": args.steps, "log_grad_norms": True}) for s in seeds]
@@ -411,6 +498,9 @@ def main() -> None:
     elif args.experiment == "e4":
         trees = {n: [e4_tree(E4_MODELS[n], s, args.steps) for s in seeds] for n in (args.models or E4_MODELS)}
         print(e4_report(run_variants(trees, out), out, args))
+    elif args.experiment == "e4-needle":
+        trees = {n: [needle_tree(E4_MODELS[n], s, args.steps) for s in seeds] for n in (args.models or E4_MODELS)}
+        print(needle_report(run_variants(trees, out), out, args))
     else:
         args.max_time = args.max_time or 60.0
         trees = {p: [text_tree({**E5_BASE, "pos": p}, s, {"max_steps": 100000, "max_time": args.max_time,

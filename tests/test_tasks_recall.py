@@ -57,7 +57,36 @@ def test_needle_answer_is_the_value_after_the_needle_key():
         assert (y[b, :-1] == IGNORE).all()
         hay = torch.ones(40, dtype=torch.bool)
         hay[[at[0], at[0] + 1, 39]] = False
-        assert (x[b, hay] > 20).all()  # noise ids only in the haystack
+        assert (x[b, hay] > 10).all()  # value and noise ids in the haystack, never a key
+    assert ((x[:, :-1] > 10) & (x[:, :-1] <= 20)).sum() > 32 * 5  # distractor values: no "copy the value" shortcut
+    for depth, at in ((0.0, 0), (0.5, 18), (1.0, 37)):  # p = round(depth * (L - 3))
+        x, y = needle_batch(4, 40, cfg, torch.Generator().manual_seed(2), depth=depth)
+        assert (x[:, at] == x[:, -1]).all() and (x[:, at + 1] == y[:, -1]).all()
+
+
+class _CopyLastValue(torch.nn.Module):
+    """The shortcut a needle without distractors allows: answer with the latest value id seen so far."""
+
+    def __init__(self, cfg: RecallDataConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, x):
+        v0, v1 = 1 + self.cfg.n_keys, 1 + self.cfg.n_keys + self.cfg.n_values
+        logits = torch.zeros(*x.shape, self.cfg.vocab_size)
+        for b in range(x.shape[0]):
+            last = v0
+            for t in range(x.shape[1]):
+                if v0 <= int(x[b, t]) < v1:
+                    last = int(x[b, t])
+                logits[b, t, last] = 1.0
+        return logits
+
+
+def test_needle_needs_the_key_a_value_copier_is_near_chance():
+    cfg = RecallDataConfig(kind="needle", n_keys=8, n_values=8, n_noise=8)
+    assert recall_accuracy(_Oracle(cfg.vocab_size), cfg, 64, 1, 64, 0, 32, "cpu", depth=0.5) == 1.0
+    assert recall_accuracy(_CopyLastValue(cfg), cfg, 64, 1, 256, 0, 64, "cpu") < 0.25  # chance 1/8
 
 
 class _Oracle(torch.nn.Module):
@@ -105,6 +134,8 @@ def test_config_errors_name_the_field():
         RecallDataConfig(seq_len=64, n_pairs=20)
     with pytest.raises(ConfigError, match="data.kind"):
         RecallDataConfig(kind="copy")
+    with pytest.raises(ConfigError, match="data.eval_depths"):
+        RecallDataConfig(kind="needle", eval_depths=[0.5, 1.5])
     assert task_for("gpt", "recall").name == "recall"
     with pytest.raises(ConfigError, match="cannot train model.family='resnet'"):
         task_for("resnet", "recall")
@@ -145,6 +176,16 @@ def test_recall_trains_a_gpt_writes_the_grid_and_resumes_exactly(tmp_path):
     (run / "metrics.jsonl").write_text("\n".join(x for x in lines if json.loads(x)["step"] <= steps // 2) + "\n")
     run_training(recipe_from_tree(_tree(steps)), run, resume=True, log=lambda *a: None)
     assert _losses(run) == losses
+
+
+def test_needle_run_writes_a_depth_by_length_grid(tmp_path):
+    tree = _tree(4)
+    tree["data"] = {"kind": "needle", "seq_len": 16, "n_keys": 8, "n_values": 8, "n_noise": 8,
+                    "eval_seq_lens": [16, 32], "eval_depths": [0.0, 1.0], "eval_examples": 8}
+    run_training(recipe_from_tree(tree), tmp_path / "run", log=lambda *a: None)
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert ev["kind"] == "needle" and set(ev["accuracy"]) == {"0", "1"}
+    assert all(set(row) == {"16", "32"} and all(0 <= a <= 1 for a in row.values()) for row in ev["accuracy"].values())
 
 
 def test_make_batch_is_deterministic_given_the_seed():

@@ -16,9 +16,13 @@ a query key's position is its value (the next token); every other position is ig
 spreads queries by a power law over distance; we place them uniformly over the free slots, which
 makes the average query distance larger (harder for a fixed-size state). Requires ``4 D <= L``.
 
-**Needle** (the "needle in a haystack" probe, Kamradt 2023, here in token form): L - 1 noise tokens
-with one key-value pair inserted at a uniform random depth, then the key again at the last position;
-the target there is the value.
+**Needle** (the "needle in a haystack" probe, Kamradt 2023, here in token form): a haystack of L - 1
+tokens drawn uniformly from the value and noise ids, one key-value pair inserted at a depth, then the
+key again at the last position; the target there is the value. The haystack holds other value ids, so
+"answer with the value in the context" is no shortcut: the model must find the one key (the only key
+id in the sequence) and copy what followed it, an induction step. Training draws the depth uniformly;
+evaluation places the pair at each fraction ``eval_depths`` of the haystack (0: first, 1: just before
+the query), and its grid is depth x length, the usual needle-in-a-haystack plot.
 
 Training draws the number of pairs per sequence uniformly from ``1 .. n_pairs`` (MQAR) at
 ``seq_len``, or at each of ``train_seq_lens`` in turn. Evaluation scores accuracy over answer
@@ -64,6 +68,8 @@ class RecallDataConfig:
     n_pairs: MQAR: the most key-value pairs per training sequence (drawn uniformly from 1..n_pairs).
     n_keys, n_values, n_noise: sizes of the three id ranges (see the module docstring).
     eval_seq_lens, eval_n_pairs: the evaluation grid (needle: ``eval_n_pairs`` is ignored).
+    eval_depths: needle only: where the pair sits in each evaluated haystack, as fractions in [0, 1]
+        (0: at the start, 1: right before the query); the needle grid's rows.
     eval_examples: sequences per grid cell; eval_seed: their seed (fixed across runs).
     """
 
@@ -76,6 +82,7 @@ class RecallDataConfig:
     n_noise: int = 256
     eval_seq_lens: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 1024])
     eval_n_pairs: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    eval_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     eval_examples: int = 128
     eval_seed: int = 1234
 
@@ -95,6 +102,8 @@ class RecallDataConfig:
                 self.n_pairs if self.kind == "mqar" else 1)):
             raise ConfigError(f"data.train_seq_lens={self.train_seq_lens} must be non-empty, each >= "
                               f"{4 * self.n_pairs if self.kind == 'mqar' else 4}")
+        if not self.eval_depths or not all(0.0 <= d <= 1.0 for d in self.eval_depths):
+            raise ConfigError(f"data.eval_depths={self.eval_depths} must be non-empty fractions in [0, 1]")
         if not self.eval_seq_lens or min(self.eval_seq_lens) < 4:
             raise ConfigError(f"data.eval_seq_lens={self.eval_seq_lens} must be non-empty, each >= 4")
 
@@ -125,14 +134,20 @@ def mqar_batch(B: int, L: int, n_pairs: torch.Tensor, cfg: RecallDataConfig,
     return x, y
 
 
-def needle_batch(B: int, L: int, cfg: RecallDataConfig,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Needle sequences: inputs (B, L) and targets (B, L) (IGNORE except at the last position)."""
-    noise0 = 1 + cfg.n_keys + cfg.n_values
-    x = torch.randint(cfg.n_noise, (B, L), generator=generator) + noise0
+def needle_batch(B: int, L: int, cfg: RecallDataConfig, generator: torch.Generator,
+                 depth: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Needle sequences: inputs (B, L) and targets (B, L) (IGNORE except at the last position).
+
+    The pair sits at ``[p, p + 1]`` with ``p`` uniform over ``0 .. L - 3`` or, given ``depth`` in [0, 1],
+    ``p = round(depth * (L - 3))``; the haystack is value and noise ids (no key)."""
+    v0 = 1 + cfg.n_keys
+    x = torch.randint(cfg.n_values + cfg.n_noise, (B, L), generator=generator) + v0
     keys = torch.randint(cfg.n_keys, (B,), generator=generator) + 1
-    values = torch.randint(cfg.n_values, (B,), generator=generator) + 1 + cfg.n_keys
-    depth = torch.randint(L - 2, (B,), generator=generator)  # the pair sits at [depth, depth + 1] < L - 1
+    values = torch.randint(cfg.n_values, (B,), generator=generator) + v0
+    if depth is None:
+        depth = torch.randint(L - 2, (B,), generator=generator)  # the pair sits at [depth, depth + 1] < L - 1
+    else:
+        depth = torch.full((B,), int(round(depth * (L - 3))), dtype=torch.long)
     rows = torch.arange(B)
     x[rows, depth], x[rows, depth + 1] = keys, values
     x[:, -1] = keys
@@ -142,10 +157,11 @@ def needle_batch(B: int, L: int, cfg: RecallDataConfig,
 
 
 def make_batch(cfg: RecallDataConfig, B: int, L: int, max_pairs: int, generator: torch.Generator,
-               fixed_pairs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch of ``cfg.kind`` at length L; MQAR draws D from 1..max_pairs (or uses max_pairs)."""
+               fixed_pairs: bool = False, depth: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of ``cfg.kind`` at length L; MQAR draws D from 1..max_pairs (or uses max_pairs); the
+    needle sits at a uniform depth, or at ``depth`` (a fraction) when given."""
     if cfg.kind == "needle":
-        return needle_batch(B, L, cfg, generator)
+        return needle_batch(B, L, cfg, generator, depth)
     if fixed_pairs:
         n = torch.full((B,), max_pairs, dtype=torch.long)
     else:
@@ -183,14 +199,15 @@ def answer_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def recall_accuracy(model: torch.nn.Module, cfg: RecallDataConfig, L: int, n_pairs: int, n: int, seed: int,
-                    batch_size: int, device: str) -> float:
-    """Fraction of answers whose argmax is right, over ``n`` fixed-seed sequences of length L."""
+                    batch_size: int, device: str, depth: float | None = None) -> float:
+    """Fraction of answers whose argmax is right, over ``n`` fixed-seed sequences of length L (needle: at
+    ``depth``, or uniform depths)."""
     g = torch.Generator().manual_seed(seed)
     right = total = 0
     was_training = model.training
     model.eval()
     for start in range(0, n, batch_size):
-        x, y = make_batch(cfg, min(batch_size, n - start), L, n_pairs, g, fixed_pairs=True)
+        x, y = make_batch(cfg, min(batch_size, n - start), L, n_pairs, g, fixed_pairs=True, depth=depth)
         x, y = x.to(device), y.to(device)
         pred = model(x).argmax(-1)
         mask = y != IGNORE
@@ -200,8 +217,8 @@ def recall_accuracy(model: torch.nn.Module, cfg: RecallDataConfig, L: int, n_pai
     return right / max(total, 1)
 
 
-def save_heatmap(grid: dict[str, dict[str, float]], path: Path, title: str) -> None:
-    """Accuracy heatmap, rows n_pairs, columns sequence length (matplotlib, Agg backend)."""
+def save_heatmap(grid: dict[str, dict[str, float]], path: Path, title: str, ylabel: str = "key-value pairs") -> None:
+    """Accuracy heatmap, rows n_pairs (or needle depths), columns sequence length (matplotlib, Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,17 +226,17 @@ def save_heatmap(grid: dict[str, dict[str, float]], path: Path, title: str) -> N
     import numpy as np
 
     lens = sorted({int(k) for row in grid.values() for k in row})
-    pairs = sorted(int(p) for p in grid)
+    pairs = sorted(grid, key=float)
     a = np.full((len(pairs), len(lens)), np.nan)
     for i, p in enumerate(pairs):
         for j, L in enumerate(lens):
-            a[i, j] = grid[str(p)].get(str(L), np.nan)
+            a[i, j] = grid[p].get(str(L), np.nan)
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lens), 1.0 + 0.6 * len(pairs)))
     im = ax.imshow(a, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
     ax.set_xticks(range(len(lens)), [str(L) for L in lens])
-    ax.set_yticks(range(len(pairs)), [str(p) for p in pairs])
+    ax.set_yticks(range(len(pairs)), pairs)
     ax.set_xlabel("sequence length (tokens)")
-    ax.set_ylabel("key-value pairs")
+    ax.set_ylabel(ylabel)
     for i in range(len(pairs)):
         for j in range(len(lens)):
             if a[i, j] == a[i, j]:
@@ -300,9 +317,14 @@ class Recall(Task):
         return {"val_acc": acc}
 
     def grid(self, model, device: str) -> dict[str, dict[str, float]]:
-        """{n_pairs: {seq_len: accuracy}} over the evaluation grid (needle: one row, key "1")."""
+        """{n_pairs: {seq_len: accuracy}} over the evaluation grid; needle: {depth: {seq_len: accuracy}}."""
         d = self.data_cfg
-        rows = [1] if d.kind == "needle" else d.eval_n_pairs
+        if d.kind == "needle":
+            return {f"{depth:g}": {str(L): recall_accuracy(model, d, L, 1, d.eval_examples,
+                                                             d.eval_seed + L + int(round(1000 * depth)),
+                                                             self.train_cfg.eval_batch_size, device, depth)
+                                   for L in d.eval_seq_lens} for depth in d.eval_depths}
+        rows = d.eval_n_pairs
         out: dict[str, dict[str, float]] = {}
         for p in rows:
             out[str(p)] = {}
@@ -324,7 +346,8 @@ class Recall(Task):
                   "eval_examples": d.eval_examples, "accuracy": grid, "mean_acc": sum(cells) / len(cells),
                   **self.evaluate(model, device=device, autocast_dtype=autocast_dtype)}
         atomic_write_text(Path(run_dir) / "eval.json", json.dumps(result, indent=2))
-        save_heatmap(grid, Path(run_dir) / "recall.png", f"{d.kind} accuracy ({d.eval_examples} sequences per cell)")
+        save_heatmap(grid, Path(run_dir) / "recall.png", f"{d.kind} accuracy ({d.eval_examples} sequences per cell)",
+                     "needle depth (fraction of the haystack)" if d.kind == "needle" else "key-value pairs")
         log(f"eval: {d.kind} mean accuracy {result['mean_acc']:.3f} over {len(cells)} cells; "
             f"at the training shape {result['val_acc']:.3f}")
         return result

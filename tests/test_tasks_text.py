@@ -93,6 +93,21 @@ def test_masked_loss_reads_only_the_selected_positions():
 # span corruption
 
 
+def test_span_corruption_with_a_tokenizers_own_sentinels():
+    """T5's <extra_id_i> count down from the top of its vocabulary: with that id table the batch is the
+    same corruption (same generator draws), every sentinel mapped through the table, and it reconstructs."""
+    from weightsmith.tasks.span_corruption import N_SENTINELS
+
+    tokens = torch.randint(100, (8, 64), generator=torch.Generator().manual_seed(0))
+    table = 299 - torch.arange(N_SENTINELS)  # <extra_id_0> = 299, <extra_id_1> = 298, ...
+    a = corrupt_spans(tokens, sentinel_base=300, start_id=0, generator=torch.Generator().manual_seed(1))
+    b = corrupt_spans(tokens, sentinel_ids=table, start_id=0, generator=torch.Generator().manual_seed(1))
+    for x, y in ((a.src, b.src), (a.tgt_out, b.tgt_out), (a.tgt_in[:, 1:], b.tgt_in[:, 1:])):
+        torch.testing.assert_close(torch.where(x >= 300, table[(x - 300).clamp(min=0)], x), y, rtol=0, atol=0)
+    for i in range(8):
+        assert reconstruct(b.src[i], b.tgt_out[i], sentinel_ids=table) == tokens[i].tolist()
+
+
 @pytest.mark.parametrize("L", [128, 64, 37, 11, 512])
 def test_span_corruption_counts_reconstruction_and_sentinel_order(L):
     base, start, B = 200, 199, 40

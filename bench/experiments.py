@@ -336,12 +336,41 @@ def e5_report(results: dict[str, list[dict]], out: Path, args) -> str:
     return text
 
 
-def e4_report(results: dict[str, list[dict]], out: Path, args) -> str:
+def plot_by_length(by_len: dict[str, list[tuple]], path: Path, xlabel: str, ylabel: str, floor: float,
+                   floor_label: str) -> None:
+    """Accuracy against sequence length, one line per family: ``by_len[family] = [(L, mean, std), ...]``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for n, pts in by_len.items():
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                    label=n)
+    ax.set_xscale("log", base=2)
+    ax.axhline(floor, color="grey", ls="--", lw=0.8, label=floor_label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def differences(results: dict[str, list[dict]]) -> list[str]:
+    """Report lines: each family's mean accuracy minus the first family's, with both seed std's."""
+    names = list(results)
+    m0, s0 = mean_std([e["mean_acc"] for e in results[names[0]]])
+    lines = ["", f"Differences from {names[0]} in mean accuracy (spread: the two seed std's):", ""]
+    for n in names[1:]:
+        m, s = mean_std([e["mean_acc"] for e in results[n]])
+        lines.append(f"- {n}: {m - m0:+.3f} (std {s:.3f} vs {s0:.3f})")
+    return lines
+
+
+def e4_report(results: dict[str, list[dict]], out: Path, args) -> str:
     from weightsmith.tasks.recall import save_heatmap
 
     names = list(results)
@@ -366,25 +395,9 @@ def e4_report(results: dict[str, list[dict]], out: Path, args) -> str:
                 for p in evs[0]["accuracy"]}
         save_heatmap(grid, out / f"e4_{n}.png", f"E4 {n}: MQAR accuracy, mean of {len(evs)} seeds")
         by_len[n] = [(int(L), *mean_std([e["accuracy"]["8"][L] for e in evs])) for L in evs[0]["accuracy"]["8"]]
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for n, pts in by_len.items():
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                    label=n)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequence length (tokens)")
-    ax.axhline(1 / 8, color="grey", ls="--", lw=0.8, label="copy floor (1/8)")
-    ax.set_ylabel("accuracy (8 pairs)")
-    ax.set_ylim(0, 1.02)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "e4_by_length.png", dpi=110)
-    plt.close(fig)
-    ref = names[0]
-    m0, s0 = mean_std([e["mean_acc"] for e in results[ref]])
-    lines += ["", f"Differences from {ref} in mean accuracy (spread: the two seed std's):", ""]
-    for n in names[1:]:
-        m, s = mean_std([e["mean_acc"] for e in results[n]])
-        lines.append(f"- {n}: {m - m0:+.3f} (std {s:.3f} vs {s0:.3f})")
+    plot_by_length(by_len, out / "e4_by_length.png", "sequence length (tokens)", "accuracy (8 pairs)",
+                   1 / 8, "copy floor (1/8)")
+    lines += differences(results)
     lines += ["", "Per-cell means ± std:", ""]
     for n in names:
         evs = results[n]
@@ -408,11 +421,6 @@ def e4_report(results: dict[str, list[dict]], out: Path, args) -> str:
 
 
 def needle_report(results: dict[str, list[dict]], out: Path, args) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from weightsmith.tasks.recall import save_heatmap
 
     names = list(results)
@@ -439,25 +447,9 @@ def needle_report(results: dict[str, list[dict]], out: Path, args) -> str:
         save_heatmap(grid, out / f"needle_{n}.png", f"E4 needle, {n}: accuracy, mean of {len(evs)} seeds",
                      "needle depth (fraction of the haystack)")
         by_len[n] = [(L, *at[L]) for L in LENGTHS]
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for n, pts in by_len.items():
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                    label=n)
-    ax.set_xscale("log", base=2)
-    ax.axhline(1 / E4_KEYS, color="grey", ls="--", lw=0.8, label=f"chance (1/{E4_KEYS})")
-    ax.set_xlabel(f"sequence length (tokens; trained at {NEEDLE_TRAIN_LEN})")
-    ax.set_ylabel("accuracy (mean over depths)")
-    ax.set_ylim(0, 1.02)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "needle_by_length.png", dpi=110)
-    plt.close(fig)
-    ref = names[0]
-    m0, s0 = mean_std([e["mean_acc"] for e in results[ref]])
-    lines += ["", f"Differences from {ref} in mean accuracy (spread: the two seed std's):", ""]
-    for n in names[1:]:
-        m, s = mean_std([e["mean_acc"] for e in results[n]])
-        lines.append(f"- {n}: {m - m0:+.3f} (std {s:.3f} vs {s0:.3f})")
+    plot_by_length(by_len, out / "needle_by_length.png", f"sequence length (tokens; trained at {NEEDLE_TRAIN_LEN})",
+                   "accuracy (mean over depths)", 1 / E4_KEYS, f"chance (1/{E4_KEYS})")
+    lines += differences(results)
     lines += ["", "Per seed, mean accuracy over the grid: " + "; ".join(
         f"{n} " + ", ".join(f"{e['mean_acc']:.3f}" for e in results[n]) for n in names), ""]
     for n in names:

@@ -26,6 +26,7 @@ runs, and compares with a unigram baseline from the training split's token frequ
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -152,10 +153,11 @@ class MaskedLM(TextTask):
         return 1  # [MASK]
 
     def n_appended(self) -> int:
-        return 0 if self._own_mask() is not None else 1
+        return 0 if self._own_mask is not None else 1
 
+    @functools.cached_property
     def _own_mask(self) -> int | None:
-        """An imported tokenizer's own mask token: BERT's ``[MASK]`` or RoBERTa's ``<mask>``."""
+        """An imported tokenizer's own mask token: BERT's ``[MASK]`` or RoBERTa's ``<mask>`` (looked up once)."""
         for token in ("[MASK]", "<mask>"):
             if (i := self.own_token_id(token)) is not None:
                 return i
@@ -163,7 +165,7 @@ class MaskedLM(TextTask):
 
     @property
     def mask_id(self) -> int:
-        own = self._own_mask()
+        own = self._own_mask
         return self.tokenizer.vocab_size if own is None else own
 
     def _corrupt(self, rows: torch.Tensor, generator: torch.Generator) -> MaskedBatch:

@@ -34,6 +34,7 @@ tokens (text consumed, comparable with the other language-model tasks). Models f
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -159,8 +160,10 @@ class SpanCorruption(TextTask):
     def n_special(cls) -> int:
         return 1 + N_SENTINELS  # decoder start, then the sentinels
 
+    @functools.cached_property
     def _own_ids(self) -> tuple[int, torch.Tensor] | None:
-        """An imported T5 tokenizer's own (decoder start ``<pad>``, sentinels ``<extra_id_0..63>``), or None."""
+        """An imported T5 tokenizer's own (decoder start ``<pad>``, sentinels ``<extra_id_0..63>``), or None;
+        looked up once (the tokenizer is fixed after setup), not per batch."""
         start = self.own_token_id("<pad>")
         sentinels = [self.own_token_id(f"<extra_id_{i}>") for i in range(N_SENTINELS)]
         if start is None or None in sentinels:
@@ -168,17 +171,17 @@ class SpanCorruption(TextTask):
         return start, torch.tensor(sentinels)
 
     def n_appended(self) -> int:
-        return 0 if self._own_ids() is not None else self.n_special()
+        return 0 if self._own_ids is not None else self.n_special()
 
     @property
     def start_id(self) -> int:
-        own = self._own_ids()
+        own = self._own_ids
         return self.tokenizer.vocab_size if own is None else own[0]
 
     @property
     def sentinel_ids(self) -> torch.Tensor:
         """(N_SENTINELS,) int64: sentinel i's id, appended (``V_tok + 1 + i``) or the tokenizer's own."""
-        own = self._own_ids()
+        own = self._own_ids
         return self.tokenizer.vocab_size + 1 + torch.arange(N_SENTINELS) if own is None else own[1]
 
     def check_model(self, model_cfg: Any) -> None:

@@ -146,10 +146,10 @@ def test_merge_adapters_gives_a_plain_model_with_the_same_logits():
 # ------------------------------------------------------------------------------------------ peft parity
 
 
-def _hf_llama():
+def _hf_llama(tie: bool = False):
     cfg = transformers.LlamaConfig(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                                   tie_word_embeddings=False)
+                                   tie_word_embeddings=tie)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -194,6 +194,52 @@ def test_ours_saved_in_peft_format_loads_in_peft_with_the_same_logits(tmp_path, 
         mine, theirs = ours(idx), peft_model(idx).logits
         assert (mine - before).abs().max() > 1e-2  # the adapter matters
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("hf_factory,modules,saved", [
+    (_hf_llama, ["tok_emb", "lm_head"], ["lm_head", "model.embed_tokens"]),
+    (lambda: _hf_llama(tie=True), ["tok_emb"], ["model.embed_tokens"]),  # the head follows (ensure_weight_tying)
+    (_hf_llama, ["blocks.0.attn_norm", "final_norm"], ["model.layers.0.input_layernorm", "model.norm"]),
+    (_hf_gpt2, ["tok_emb", "blocks.1.mlp_norm"], ["transformer.h.1.ln_2", "transformer.wte"]),  # tied, with bias
+])
+def test_train_modules_save_as_peft_modules_to_save(tmp_path, hf_factory, modules, saved):
+    """Modules trained in full (adapter.train_modules) travel as peft's modules_to_save: peft on the
+    untouched base then computes our logits, so it took our copies of those modules."""
+    import json
+
+    from peft import PeftModel
+
+    hf = hf_factory()
+    cfg, ours = _ours_from_hf(hf)
+    apply_adapters(ours, AdapterConfig(method="lora", rank=2, alpha=5.0, target_modules=["q_proj", "o_proj"],
+                                       train_modules=modules))
+    _randomize(ours)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name in modules:
+            for p in ours.get_submodule(name).parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    save_peft(ours, cfg, tmp_path / "adapter", train_modules=modules)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == saved
+    tied_llama = cfg.tie_embeddings and cfg.pos == "rope" and "tok_emb" in modules
+    assert config.get("ensure_weight_tying", False) == tied_llama
+    idx = torch.randint(0, 37, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = hf(idx).logits
+        peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+        mine, theirs = ours(idx), peft_model(idx).logits
+        assert (mine - before).abs().max() > 1e-2
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
+
+
+def test_train_modules_that_peft_cannot_hold_whole_are_refused():
+    """GPT-2 fuses q, k and v into one c_attn: q alone trained in full is part of a module, not one."""
+    cfg, ours = _ours_from_hf(_hf_gpt2())
+    apply_adapters(ours, AdapterConfig(method="lora", rank=2, alpha=5.0, target_modules=["o_proj"],
+                                       train_modules=["blocks.0.attn.q_proj"]))
+    with pytest.raises(ConfigError, match=r"only part of transformer\.h\.0\.attn\.c_attn"):
+        save_peft(ours, cfg, "/nonexistent/never-written", train_modules=["blocks.0.attn.q_proj"])
 
 
 @pytest.mark.parametrize("hf_factory,use_dora,targets", [
@@ -348,7 +394,8 @@ def test_eval_generate_export_and_quantize_work_on_an_adapted_run(adapted_run, t
 
 def test_a_run_with_train_modules_moves_only_adapters_and_those_modules(tmp_path, tiny_corpus, capsys, monkeypatch):
     """Through the trainer: the embedding (train_modules) and the adapters move, every other base weight
-    stays bit-identical to its init; the merged HF export equals the run; the peft export refuses in one line."""
+    stays bit-identical to its init; the merged HF export equals the run, and so does the peft export
+    (the embedding as modules_to_save) loaded by peft on the run's initial weights."""
     from weightsmith.cli import main
     from weightsmith.config import load_toml
     from weightsmith.registry import build_config, model_from_config
@@ -374,11 +421,21 @@ def test_a_run_with_train_modules_moves_only_adapters_and_those_modules(tmp_path
     idx = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, load_run(run).model(idx), rtol=0, atol=1e-4)
-    capsys.readouterr()  # transformers' loading bars
-    assert main(["export", str(run), "--format", "peft", "--out", str(tmp_path / "peft")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "train_modules" in err and "--format hf" in err
-    assert not (tmp_path / "peft").exists()
+    # the peft export on the base the run started from (its init: frozen weights and the embedding before
+    # training) computes the run's logits, so peft took the trained embedding from modules_to_save
+    from peft import PeftModel
+
+    from weightsmith.ship.hf_convert import ours_to_hf
+
+    assert main(["export", str(run), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+    trained = load_run(run).model
+    hf_cfg, hf_sd, arch = ours_to_hf(trained.config, init)
+    base_hf = getattr(transformers, arch)(getattr(transformers, arch.replace("ForCausalLM", "Config"))(**hf_cfg))
+    base_hf.load_state_dict(hf_sd, strict=False)
+    with torch.no_grad():
+        assert (base_hf.eval()(idx).logits - trained(idx)).abs().max() > 1e-3  # the base alone is not the run
+        peft_model = PeftModel.from_pretrained(base_hf, str(tmp_path / "peft")).eval()  # wraps base_hf in place
+        torch.testing.assert_close(peft_model(idx).logits, trained(idx), rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ inspect

@@ -221,19 +221,31 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------------ peft format
 
 
-def save_peft(model: nn.Module, model_cfg: Any, out_dir: str | Path, *, dropout: float = 0.0) -> Path:
+def save_peft(model: nn.Module, model_cfg: Any, out_dir: str | Path, *, dropout: float = 0.0,
+              train_modules: list[str] = ()) -> Path:
     """Write ``model``'s adapters as a peft LoRA adapter for the transformers model that
     weightsmith.ship.hf_convert.ours_to_hf makes of ``model_cfg``: ``out_dir/adapter_config.json`` and
     ``out_dir/adapter_model.safetensors`` (float32). ``PeftModel.from_pretrained(hf_model, out_dir)``
     then computes our logits. GPT-2's fused ``c_attn`` is handled as weightsmith.ship.hf_convert_peft
-    describes.
+    describes. ``train_modules`` (our module names, :func:`train_module_names`) trained in full and are
+    saved whole, as peft's ``modules_to_save`` (weightsmith.ship.hf_convert_peft.modules_to_save), so
+    they replace the base's copies when peft loads the adapter.
 
     Raises:
-        ConfigError: no adapters, or an adapted layer or model that peft's transformers model cannot hold.
+        ConfigError: no adapters, or an adapted layer, a module to save, or a model that peft's
+            transformers model cannot hold.
     """
+    import copy
+
     from safetensors.torch import save_file
 
-    from weightsmith.ship.hf_convert_peft import PEFT_PREFIX, fan_in_fan_out, hf_module_rows, peft_targets
+    from weightsmith.ship.hf_convert_peft import (
+        PEFT_PREFIX,
+        fan_in_fan_out,
+        hf_module_rows,
+        modules_to_save,
+        peft_targets,
+    )
 
     mods = adapter_modules(model)
     if not mods:
@@ -279,12 +291,19 @@ def save_peft(model: nn.Module, model_cfg: Any, out_dir: str | Path, *, dropout:
             tensors[f"{key}.lora_magnitude_vector"] = mag.contiguous()
         if (n * r, n * alpha) != (r0, a0):
             rank_pattern[hf], alpha_pattern[hf] = n * r, n * alpha
+    saved, tied = None, False
+    if train_modules:
+        plain = merge_adapters(copy.deepcopy(model)).state_dict()
+        full, saved, tied = modules_to_save(model_cfg, plain, list(train_modules))
+        tensors.update({PEFT_PREFIX + h: t.detach().float().contiguous() for h, t in full.items()})
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
               "r": r0, "lora_alpha": a0, "lora_dropout": dropout, "target_modules": sorted(groups),
               "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_dora": dora,
               "use_rslora": False, "fan_in_fan_out": fan_in_fan_out(arch), "bias": "none",
-              "init_lora_weights": True, "modules_to_save": None,
+              "init_lora_weights": True, "modules_to_save": saved,
               "auto_mapping": {"base_model_class": arch}}
+    if tied:  # peft then keeps the head tied to its copy of the embedding (peft >= 0.18)
+        config["ensure_weight_tying"] = True
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})

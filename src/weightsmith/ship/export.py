@@ -15,7 +15,8 @@ onnx     f32                         model.onnx (input_ids (B, T) -> logits (B, 
                                      runs: (x, t[, y]) -> prediction with the EMA weights, labels.json
 peft     f32                         adapter_config.json, adapter_model.safetensors: the adapters of
                                      a run with ``[adapter]`` in peft's LoRA format for the base's
-                                     transformers model (weightsmith.adapters.save_peft)
+                                     transformers model, ``adapter.train_modules`` as peft's
+                                     ``modules_to_save`` (weightsmith.adapters.save_peft)
 =======  ==========================  ==============================================================
 
 Every export also writes ``export.json`` (format, dtype, source run and checkpoint).
@@ -199,23 +200,24 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, dtype: str = "f32
 def _export_peft(run_dir: Path, out: Path) -> Path:
     """The adapters of an ``[adapter]`` run as a peft LoRA adapter (weightsmith.adapters.save_peft), for
     the transformers model that ``--format hf`` makes of the unadapted base. A ``qlora`` run's adapters
-    were trained on the NF4-rounded base, so they fit that base, not the float one, exactly.
+    were trained on the NF4-rounded base, so they fit that base, not the float one, exactly. Modules
+    trained in full (``adapter.train_modules``) are saved whole as peft's ``modules_to_save``.
 
     Raises:
-        ConfigError: the run has no ``[adapter]``, trains ``train_modules`` in full (not exported yet), or
-            peft's transformers model cannot hold its layers.
+        ConfigError: the run has no ``[adapter]``, or peft's transformers model cannot hold its adapted
+            layers or its modules trained in full (a part of a fused HF tensor, say).
     """
-    from weightsmith.adapters import save_peft
+    from weightsmith.adapters import matches, save_peft
     from weightsmith.train.checkpoint import load_run
 
     run = load_run(run_dir)
     if "adapter" not in run.config:
         raise ConfigError(f"{run_dir} has no [adapter] section: nothing to export as peft; use --format hf")
-    if run.config["adapter"].get("train_modules"):
-        raise ConfigError(f"{run_dir} trains {run.config['adapter']['train_modules']} in full beside its adapters "
-                          "(adapter.train_modules), which this peft export does not carry; use --format hf (merged)")
+    patterns = list(run.config["adapter"].get("train_modules") or [])
+    full = [n for n, _ in run.model.named_modules() if n and matches(n, patterns)]
     with atomic_output_dir(out) as tmp:
-        save_peft(run.model, run.model.config, tmp, dropout=float(run.config["adapter"].get("dropout", 0.0)))
+        save_peft(run.model, run.model.config, tmp, dropout=float(run.config["adapter"].get("dropout", 0.0)),
+                  train_modules=full)
         meta = {"format": "peft", "dtype": "f32", "run_dir": str(run_dir.resolve()),
                 "checkpoint": run.checkpoint.name, "method": run.config["adapter"].get("method", "lora")}
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")

@@ -72,3 +72,55 @@ def hf_module_rows(cfg: Any) -> dict[str, int]:
 def fan_in_fan_out(arch: str) -> bool:
     """peft's flag for Conv1D modules, whose weight is stored (in, out): GPT-2's."""
     return arch == "GPT2LMHeadModel"
+
+
+def modules_to_save(cfg: Any, state_dict: dict[str, Any], names: list[str]) -> tuple[dict[str, Any], list[str], bool]:
+    """peft's ``modules_to_save`` for our modules ``names`` that train in full (``adapter.train_modules``):
+    ``({HF key: tensor}, [HF module], tie)``. ``state_dict`` is the plain (merged) state dict of the
+    model. When the embedding is among them and the HF model ties its head to it, the tensors also hold
+    ``lm_head.weight``, the same values: for LLaMA ``tie`` is then True, and peft's
+    ``ensure_weight_tying`` keeps its copy of the head tied to its copy of the embedding (peft >= 0.18);
+    peft does not know GPT-2's ``wte`` as an embedding, so there ``tie`` stays False and the key loads
+    into the base's head, which is the base's ``wte`` itself.
+
+    Which HF module holds a weight of ours is found by converting (weightsmith.ship.hf_convert.ours_to_hf)
+    with that one weight set to NaN: the HF tensors that turn NaN are where it goes. peft saves whole
+    modules, so every such tensor must be NaN throughout and every tensor of its HF module must come
+    from ``names``.
+
+    Raises:
+        ConfigError: a weight with no HF counterpart, one that is part of a fused HF tensor (GPT-2's
+            ``c_attn`` holds q, k and v), or an HF module only partly selected.
+    """
+    import torch
+
+    from weightsmith.ship.hf_convert import ours_to_hf
+
+    _, hf_sd, arch = ours_to_hf(cfg, state_dict)
+    own = [k for k in state_dict if any(k.startswith(n + ".") for n in names) and state_dict[k].is_floating_point()]
+    if cfg.tie_embeddings:
+        own = [k for k in own if k != "lm_head.weight"]  # the tied head is the embedding itself
+    covered: set[str] = set()
+    for key in own:
+        marked = dict(state_dict)
+        marked[key] = torch.full_like(state_dict[key], float("nan"))
+        _, hf_marked, _ = ours_to_hf(cfg, marked)
+        touched = [h for h, t in hf_marked.items() if t.is_floating_point() and torch.isnan(t).any()]
+        if not touched:
+            raise ConfigError(f"adapter.train_modules: {key} has no counterpart in {arch}; export with --format hf")
+        for h in touched:
+            if not torch.isnan(hf_marked[h]).all():
+                raise ConfigError(f"adapter.train_modules: {key} is only part of {h} in {arch}, and peft's "
+                                  "modules_to_save holds whole modules; export with --format hf (merged)")
+        covered.update(touched)
+    modules = sorted({h.rsplit(".", 1)[0] for h in covered})
+    partial = sorted(h for h in hf_sd if h.rsplit(".", 1)[0] in modules and h not in covered)
+    if partial:
+        raise ConfigError(f"adapter.train_modules covers only part of {sorted({h.rsplit('.', 1)[0] for h in partial})} "
+                          f"in {arch} ({partial} stay frozen); select the whole module or export with --format hf")
+    tensors = {h: hf_sd[h] for h in sorted(covered)}
+    emb = "model.embed_tokens" if arch != "GPT2LMHeadModel" else "transformer.wte"
+    tied = bool(cfg.tie_embeddings) and emb in modules
+    if tied:
+        tensors["lm_head.weight"] = tensors[f"{emb}.weight"].clone()  # safetensors stores no shared memory
+    return tensors, modules, tied and arch != "GPT2LMHeadModel"

@@ -3,7 +3,8 @@
     [task]    -> name = "causal-lm" picks the registered task (default: the model family's task); the
                  other keys are that task's config fields (weightsmith.tasks)
     [data]    -> the task's data config (text: weightsmith.data.prepare.DataConfig)
-    [model]   -> family = "gpt" picks the registered family (or preset = "gpt2" a named preset);
+    [model]   -> family = "gpt" picks the registered family (or preset = "gpt2" a named preset;
+                 without either, the family of a ``train.init_from`` source, else gpt);
                  the other keys are that family's config fields. Fields the data decides (vocab_size,
                  n_classes, in_channels, image_size) are filled in by the task when the recipe leaves
                  them out.
@@ -126,6 +127,11 @@ def recipe_from_tree(tree: dict[str, Any], name: str = "run") -> Recipe:
     if "preset" in model:
         preset = get_preset(model["preset"])
         family = family or preset.family
+    init_from = (tree.get("train") or {}).get("init_from")
+    if family is None and isinstance(init_from, str) and init_from:  # the source's family (init_from.py)
+        from weightsmith.train.init_from import source_family
+
+        family = source_family(init_from)
     family = family or "gpt"
     get_family(family)
     if "adapter" in tree and not isinstance(tree["adapter"], dict):

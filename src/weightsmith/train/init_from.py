@@ -56,6 +56,32 @@ def source_kind(path: str | Path) -> str:
     raise ConfigError(f"train.init_from = {str(path)!r} {why}")
 
 
+def source_family(path: str | Path) -> str | None:
+    """The model family an ``init_from`` source holds, read from its config file alone (no weights):
+    a run's ``[model] family``, or for Hugging Face the family of its ``model_type`` (a BERT whose
+    ``architectures`` name a masked-LM head is ``bert-mlm``). None when the path is not a readable
+    source; :func:`open_source` then raises the error that names the field."""
+    import json
+
+    p = Path(path)
+    try:
+        if (p / "config.toml").is_file():
+            from weightsmith.config import load_toml
+
+            return load_toml(p / "config.toml").get("model", {}).get("family", "gpt")
+        if (p / "config.json").is_file():
+            from weightsmith.ship.hf_convert import _FROM_HF
+
+            hf = json.loads((p / "config.json").read_text())
+            family = _FROM_HF.get(hf.get("model_type"), (None,))[0]
+            if family == "bert" and any(a.endswith("ForMaskedLM") for a in hf.get("architectures") or []):
+                return "bert-mlm"
+            return family
+    except Exception:  # unreadable: open_source reports it with the fix
+        return None
+    return None
+
+
 def load_source_tokenizer(path: str | Path):
     """The source's tokenizer: a run's ``tokenizer.json`` (ours), or a Hugging Face ``tokenizer.json``
     wrapped as our ``bpe`` kind (weightsmith.ship.hf_import.tokenizer_from_hf_dir)."""

@@ -1,6 +1,9 @@
 """Benchmark the main job against nanoGPT's CPU "baby" configuration, side by side in one run.
 
-    python bench/main_job.py [--out bench/results/main_job.json] [--recipes recipes/shakespeare.toml ...] [--keep runs]
+    python bench/main_job.py [--out bench/results/main_job.json] [--recipes RECIPE ...] [--keep runs]
+
+The default recipes are the main job (recipes/shakespeare-muon.toml, README command 1, since 2026-12-04)
+and nanoGPT's baby configuration; recipes/shakespeare.toml is the AdamW main job before that.
 
 For each recipe it runs ``weightsmith train`` in a fresh process (data preparation included, from a
 cold data cache unless --warm-cache), measures the wall-clock time of the whole command, and collects
@@ -47,7 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "bench/results/main_job.json"))
     ap.add_argument("--recipes", nargs="+",
-                    default=[str(ROOT / "recipes/shakespeare.toml"), str(ROOT / "recipes/baby-char.toml")])
+                    default=[str(ROOT / "recipes/shakespeare-muon.toml"), str(ROOT / "recipes/baby-char.toml")])
     ap.add_argument("--warm-cache", action="store_true", help="reuse $WEIGHTSMITH_CACHE instead of a cold cache")
     ap.add_argument("--keep", help="move the run directories here (as DIR/<recipe stem>) instead of deleting them")
     args = ap.parse_args()

@@ -233,6 +233,38 @@ def test_train_modules_save_as_peft_modules_to_save(tmp_path, hf_factory, module
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_peft_made_adapter_with_modules_to_save_loads_into_ours(tmp_path, tie):
+    """peft's modules_to_save (the embedding and a norm, changed after wrapping) load into ours through
+    the converters: the same logits, those parameters trainable, the rest of the base frozen; and our
+    own save of the result round-trips through load_peft."""
+    from peft import LoraConfig, get_peft_model
+
+    hf = _hf_llama(tie)
+    cfg, ours = _ours_from_hf(hf)
+    torch.manual_seed(5)
+    lc = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False,
+                    modules_to_save=["embed_tokens", "layers.1.input_layernorm"], ensure_weight_tying=tie)
+    peft_model = get_peft_model(hf, lc).eval()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    load_peft(ours, cfg, tmp_path / "peft")
+    idx = torch.randint(0, 37, (2, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), peft_model(idx).logits, rtol=0, atol=1e-5)
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert {"tok_emb.weight", "blocks.1.attn_norm.weight"} <= trainable
+    assert not any(n.endswith(("mlp.up.weight", "final_norm.weight")) for n in trainable)
+    save_peft(ours, cfg, tmp_path / "ours", train_modules=["tok_emb", "blocks.1.attn_norm"])
+    _, again = _ours_from_hf(_hf_llama(tie))
+    load_peft(again, cfg, tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx), ours(idx), rtol=0, atol=1e-6)
+
+
 def test_train_modules_that_peft_cannot_hold_whole_are_refused():
     """GPT-2 fuses q, k and v into one c_attn: q alone trained in full is part of a module, not one."""
     cfg, ours = _ours_from_hf(_hf_gpt2())

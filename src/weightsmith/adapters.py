@@ -311,6 +311,37 @@ def save_peft(model: nn.Module, model_cfg: Any, out_dir: str | Path, *, dropout:
     return out
 
 
+@torch.no_grad()
+def _load_modules_to_save(model: nn.Module, model_cfg: Any, full: dict[str, torch.Tensor], where: Path) -> list[str]:
+    """Copy peft ``modules_to_save`` tensors (HF keys) into ``model`` (unadapted), through the converters:
+    ours -> HF, the saved tensors in place of the base's, HF -> ours. Returns our parameter names that
+    changed. A tied model's ``lm_head.weight`` copy must equal the embedding it is tied to.
+
+    Raises:
+        CheckpointError: a key with no HF counterpart, a shape that differs, or a tied head that is not
+            the embedding.
+    """
+    from weightsmith.ship.hf_convert import hf_to_ours, ours_to_hf
+
+    plain = {k: v.detach() for k, v in model.state_dict().items()}
+    hf_cfg, hf_sd, _ = ours_to_hf(model_cfg, plain)
+    hf_sd = dict(hf_sd)
+    head = full.pop("lm_head.weight", None) if "lm_head.weight" not in hf_sd else None
+    for key, t in full.items():
+        if key not in hf_sd:
+            raise CheckpointError(f"{where}: modules_to_save key {key!r} has no counterpart in the model")
+        if tuple(t.shape) != tuple(hf_sd[key].shape):
+            raise CheckpointError(f"{where}: {key} has shape {tuple(t.shape)}, the model {tuple(hf_sd[key].shape)}")
+        hf_sd[key] = t.to(hf_sd[key].dtype)
+    _, _, ours = hf_to_ours(hf_cfg, hf_sd)
+    if head is not None and not torch.equal(head.to(ours["tok_emb.weight"].dtype), ours["tok_emb.weight"]):
+        raise CheckpointError(f"{where}: lm_head.weight differs from the embedding, but the model ties them")
+    changed = [k for k, v in ours.items() if k in plain and not torch.equal(v, plain[k])]
+    model.load_state_dict({k: ours[k] for k in changed}, strict=False)
+    params = dict(model.named_parameters())
+    return [k for k in changed if k in params]
+
+
 def _unwrap(m: nn.Module) -> nn.Module:
     return m.base if isinstance(m, LoRALinear) else m
 
@@ -328,12 +359,13 @@ def load_peft(model: nn.Module, model_cfg: Any, adapter_dir: str | Path) -> list
     ``adapter_dir`` and freeze its base, in place; returns the names of our adapted layers.
 
     A peft adapter on GPT-2's fused ``c_attn`` becomes one on each of q, k, v with the same A and B's
-    rows of that part (exact, see weightsmith.ship.hf_convert_peft).
+    rows of that part (exact, see weightsmith.ship.hf_convert_peft). ``modules_to_save`` tensors replace
+    the model's own (through the converters) and stay trainable, as in peft.
 
     Raises:
         CheckpointError: a missing or unreadable file, a key that names no module of the matching
             transformers model. ConfigError: peft options we do not implement (rsLoRA, LoRA biases,
-            ``modules_to_save``, other peft types).
+            other peft types).
     """
     from safetensors.torch import load_file
 
@@ -349,7 +381,7 @@ def load_peft(model: nn.Module, model_cfg: Any, adapter_dir: str | Path) -> list
         tensors = load_file(str(d / ADAPTER_WEIGHTS))
     except Exception as e:
         raise CheckpointError(f"{d} is not a readable peft adapter ({e.__class__.__name__}: {e})") from None
-    for key, ok in (("peft_type", "LORA"), ("use_rslora", False), ("bias", "none"), ("modules_to_save", None)):
+    for key, ok in (("peft_type", "LORA"), ("use_rslora", False), ("bias", "none")):
         if pc.get(key, ok) != ok:
             raise ConfigError(f"{d / ADAPTER_CONFIG}: {key}={pc.get(key)!r} is not supported (need {ok!r})")
     if adapter_modules(model):
@@ -358,14 +390,25 @@ def load_peft(model: nn.Module, model_cfg: Any, adapter_dir: str | Path) -> list
     inverse: dict[str, list[str]] = {}
     for ours, (hf, _, _) in targets.items():
         inverse.setdefault(hf, []).append(ours)
+    saved = list(pc.get("modules_to_save") or [])
     hf_modules: dict[str, dict[str, torch.Tensor]] = {}
+    full: dict[str, torch.Tensor] = {}  # modules_to_save: HF key -> tensor
     for key, t in tensors.items():
         m = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)", key)
-        if m is None or m.group(1) not in inverse:
-            raise CheckpointError(f"{d / ADAPTER_WEIGHTS}: key {key!r} names no adaptable module of the model")
-        hf_modules.setdefault(m.group(1), {})[m.group(2).split(".")[0]] = t
+        if m is not None and m.group(1) in inverse:
+            hf_modules.setdefault(m.group(1), {})[m.group(2).split(".")[0]] = t
+            continue
+        module = key[len(PEFT_PREFIX):].rsplit(".", 1)[0] if key.startswith(PEFT_PREFIX) else None
+        allowed = saved + ["lm_head"] * bool(saved)  # peft saves a tied head's copy without listing it
+        if module is None or not any(module == m or module.endswith("." + m) for m in allowed):
+            raise CheckpointError(f"{d / ADAPTER_WEIGHTS}: key {key!r} names no adaptable module of the model "
+                                  f"and no module of modules_to_save {saved}")
+        full[key[len(PEFT_PREFIX):]] = t
+    trained = _load_modules_to_save(model, model_cfg, full, d / ADAPTER_WEIGHTS) if full else []
     for p in model.parameters():
         p.requires_grad_(False)
+    for name in trained:  # peft trains its modules_to_save in full
+        model.get_parameter(name).requires_grad_(True)
     dora = bool(pc.get("use_dora"))
     wrapped = []
     for hf, parts in hf_modules.items():

@@ -10,8 +10,8 @@ lifted so the budget is what stops every row, and the learning-rate schedule fol
 - LoRA rank 8 and rank 32, DoRA, QLoRA: recipes/milton-lora.toml (adapters on every linear of the
   blocks, base frozen, lr 1e-2), with ``--adapter.rank=32 --adapter.alpha=64``,
   ``--adapter.method=dora`` and ``--adapter.method=qlora`` (an NF4 base, block 64, double quantization),
-  and rank 8 with the (tied) embedding trained in full, ``--adapter.train_modules=["tok_emb"]`` (peft's
-  ``modules_to_save``);
+  and each of LoRA r8, LoRA r32, DoRA and QLoRA again with the (tied) embedding trained in full,
+  ``--adapter.train_modules=["tok_emb"]`` (peft's ``modules_to_save``);
 - from scratch: recipes/milton-scratch.toml (the main job's shape, the main job's tokenizer).
 
 Columns:
@@ -53,6 +53,10 @@ ROWS = (  # label, recipe, extra overrides
     ("DoRA r8", "milton-lora.toml", ["--adapter.method=dora"]),
     ("QLoRA r8", "milton-lora.toml", ["--adapter.method=qlora"]),
     ("LoRA r8 + embedding", "milton-lora.toml", ['--adapter.train_modules=["tok_emb"]']),
+    ("LoRA r32 + embedding", "milton-lora.toml", ["--adapter.rank=32", "--adapter.alpha=64.0",
+                                                  '--adapter.train_modules=["tok_emb"]']),
+    ("DoRA r8 + embedding", "milton-lora.toml", ["--adapter.method=dora", '--adapter.train_modules=["tok_emb"]']),
+    ("QLoRA r8 + embedding", "milton-lora.toml", ["--adapter.method=qlora", '--adapter.train_modules=["tok_emb"]']),
     ("from scratch", "milton-scratch.toml", []),
 )
 

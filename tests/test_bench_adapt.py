@@ -31,7 +31,8 @@ def test_adapt_bench_runs_at_tiny_size(tmp_path, tiny_corpus, cache_dir):
     result = json.loads(stem.with_suffix(".json").read_text())
     rows = {r["row"]: r for r in result["rows"]}
     assert list(rows) == ["untouched", "full fine-tune", "LoRA r8", "LoRA r32", "DoRA r8", "QLoRA r8",
-                          "LoRA r8 + embedding", "from scratch"]
+                          "LoRA r8 + embedding", "LoRA r32 + embedding", "DoRA r8 + embedding",
+                          "QLoRA r8 + embedding", "from scratch"]
     n = rows["from scratch"]["trainable_params"]
     assert rows["full fine-tune"]["trainable_params"] == n
     # rank r on every block linear: r (in + out) each, DoRA adds a magnitude per output row
@@ -44,7 +45,10 @@ def test_adapt_bench_runs_at_tiny_size(tmp_path, tiny_corpus, cache_dir):
     from weightsmith.config import load_toml
 
     model = load_toml(source / "config.toml")["model"]
-    assert emb["trainable_params"] == rows["LoRA r8"]["trainable_params"] + model["vocab_size"] * model["d_model"]
+    for label in ("LoRA r8", "LoRA r32", "DoRA r8", "QLoRA r8"):
+        with_emb = rows[f"{label} + embedding"]
+        assert with_emb["adapter"]["train_modules"] == ["tok_emb"]
+        assert with_emb["trainable_params"] == rows[label]["trainable_params"] + model["vocab_size"] * model["d_model"]
     # the frozen NF4 base and the missing optimizer state show in the profiled peak
     assert rows["QLoRA r8"]["train_peak_bytes"] < rows["LoRA r8"]["train_peak_bytes"] \
         < rows["full fine-tune"]["train_peak_bytes"]

@@ -199,6 +199,7 @@ def test_ours_saved_in_peft_format_loads_in_peft_with_the_same_logits(tmp_path, 
 @pytest.mark.parametrize("hf_factory,modules,saved", [
     (_hf_llama, ["tok_emb", "lm_head"], ["lm_head", "model.embed_tokens"]),
     (lambda: _hf_llama(tie=True), ["tok_emb"], ["model.embed_tokens"]),  # the head follows (ensure_weight_tying)
+    (lambda: _hf_llama(tie=True), ["lm_head"], ["model.embed_tokens"]),  # a tied head is the embedding
     (_hf_llama, ["blocks.0.attn_norm", "final_norm"], ["model.layers.0.input_layernorm", "model.norm"]),
     (_hf_gpt2, ["tok_emb", "blocks.1.mlp_norm"], ["transformer.h.1.ln_2", "transformer.wte"]),  # tied, with bias
 ])
@@ -222,7 +223,7 @@ def test_train_modules_save_as_peft_modules_to_save(tmp_path, hf_factory, module
     save_peft(ours, cfg, tmp_path / "adapter", train_modules=modules)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["modules_to_save"] == saved
-    tied_llama = cfg.tie_embeddings and cfg.pos == "rope" and "tok_emb" in modules
+    tied_llama = cfg.tie_embeddings and cfg.pos == "rope" and bool({"tok_emb", "lm_head"} & set(modules))
     assert config.get("ensure_weight_tying", False) == tied_llama
     idx = torch.randint(0, 37, (2, 11), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -98,8 +98,8 @@ def modules_to_save(cfg: Any, state_dict: dict[str, Any], names: list[str]) -> t
 
     _, hf_sd, arch = ours_to_hf(cfg, state_dict)
     own = [k for k in state_dict if any(k.startswith(n + ".") for n in names) and state_dict[k].is_floating_point()]
-    if cfg.tie_embeddings:
-        own = [k for k in own if k != "lm_head.weight"]  # the tied head is the embedding itself
+    if cfg.tie_embeddings:  # the tied head is the embedding itself
+        own = list(dict.fromkeys("tok_emb.weight" if k == "lm_head.weight" else k for k in own))
     covered: set[str] = set()
     for key in own:
         marked = dict(state_dict)

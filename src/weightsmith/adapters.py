@@ -400,7 +400,7 @@ def load_peft(model: nn.Module, model_cfg: Any, adapter_dir: str | Path) -> list
             continue
         module = key[len(PEFT_PREFIX):].rsplit(".", 1)[0] if key.startswith(PEFT_PREFIX) else None
         allowed = saved + ["lm_head"] * bool(saved)  # peft saves a tied head's copy without listing it
-        if module is None or not any(module == m or module.endswith("." + m) for m in allowed):
+        if module is None or not any(module == s or module.endswith("." + s) for s in allowed):
             raise CheckpointError(f"{d / ADAPTER_WEIGHTS}: key {key!r} names no adaptable module of the model "
                                   f"and no module of modules_to_save {saved}")
         full[key[len(PEFT_PREFIX):]] = t

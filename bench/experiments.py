@@ -90,9 +90,9 @@ def needle_tree(model: dict, seed: int, steps: int) -> dict:
 
 def with_lr(trees: dict[str, list[dict]], lr: float | None) -> dict[str, list[dict]]:
     """``trees`` with peak lr ``lr`` and min_lr ``lr / 10`` (unchanged when ``lr`` is None)."""
-    for runs in trees.values():
-        for tree in runs:
-            if lr is not None:
+    if lr is not None:
+        for runs in trees.values():
+            for tree in runs:
                 tree["train"].update(lr=lr, min_lr=lr / 10)
     return trees
 
@@ -382,6 +382,18 @@ def differences(results: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+def cell_table(name: str, evs: list[dict], row_label: str) -> list[str]:
+    """Markdown lines: seed mean ± std of ``accuracy[row][L]`` per row (pairs or needle depth) and length;
+    "–" where a cell was not scored (MQAR pairs that do not fit a length)."""
+    lines = [f"**{name}**", "", f"| {row_label} \\ L | " + " | ".join(map(str, LENGTHS)) + " |",
+             "|---" * (len(LENGTHS) + 1) + "|"]
+    for row, by_len in evs[0]["accuracy"].items():
+        cells = [("{:.2f} ± {:.2f}".format(*mean_std([e["accuracy"][row][str(L)] for e in evs]))
+                  if str(L) in by_len else "–") for L in LENGTHS]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def e4_report(results: dict[str, list[dict]], out: Path, args) -> str:
     from weightsmith.tasks.recall import save_heatmap
 
@@ -413,19 +425,7 @@ def e4_report(results: dict[str, list[dict]], out: Path, args) -> str:
     lines += differences(results)
     lines += ["", "Per-cell means ± std:", ""]
     for n in names:
-        evs = results[n]
-        lines += [f"**{n}**", "", "| pairs \\ L | " + " | ".join(map(str, LENGTHS)) + " |",
-                  "|---" * (len(LENGTHS) + 1) + "|"]
-        for p in evs[0]["accuracy"]:
-            cells = []
-            for L in LENGTHS:
-                if str(L) in evs[0]["accuracy"][p]:
-                    m, s = mean_std([e["accuracy"][p][str(L)] for e in evs])
-                    cells.append(f"{m:.2f} ± {s:.2f}")
-                else:
-                    cells.append("–")
-            lines.append(f"| {p} | " + " | ".join(cells) + " |")
-        lines += ["", f"![{n}](e4_{n}.png)", ""]
+        lines += cell_table(n, results[n], "pairs") + ["", f"![{n}](e4_{n}.png)", ""]
     lines += ["![by length](e4_by_length.png)", ""]
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
@@ -466,14 +466,7 @@ def needle_report(results: dict[str, list[dict]], out: Path, args) -> str:
     lines += ["", "Per seed, mean accuracy over the grid: " + "; ".join(
         f"{n} " + ", ".join(f"{e['mean_acc']:.3f}" for e in results[n]) for n in names), ""]
     for n in names:
-        evs = results[n]
-        lines += [f"**{n}**", "", "| depth \\ L | " + " | ".join(map(str, LENGTHS)) + " |",
-                  "|---" * (len(LENGTHS) + 1) + "|"]
-        for d in depths:
-            cells = [f"{mean_std([e['accuracy'][d][str(L)] for e in evs])[0]:.2f} ± "
-                     f"{mean_std([e['accuracy'][d][str(L)] for e in evs])[1]:.2f}" for L in LENGTHS]
-            lines.append(f"| {d} | " + " | ".join(cells) + " |")
-        lines += ["", f"![{n}](needle_{n}.png)", ""]
+        lines += cell_table(n, results[n], "depth") + ["", f"![{n}](needle_{n}.png)", ""]
     lines += ["![by length](needle_by_length.png)", ""]
     text = "\n".join(lines)
     (out / "report.md").write_text(text)

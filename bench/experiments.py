@@ -241,10 +241,7 @@ def e2_report(results: dict[str, list[dict]], out: Path, args) -> str:
                           for k in range(3))
         lines.append(f"| {n} | {rms:.3g} | " + ("–" if sat is None else f"{sat:.3f}") + f" | {lstd:.3g} |")
     lines += ["", "![loss](e2_loss.png)", "", "![gradient norms](e2_grad_norms.png)", ""]
-    text = "\n".join(lines)
-    (out / "report.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    return text
+    return write_report(lines, results, out)
 
 
 def e2_probe(run: str) -> tuple[float, float | None, float]:
@@ -342,10 +339,7 @@ def e5_report(results: dict[str, list[dict]], out: Path, args) -> str:
     fig.savefig(out / "e5_ppl.png", dpi=110)
     plt.close(fig)
     lines += ["", "![perplexity against length](e5_ppl.png)", ""]
-    text = "\n".join(lines)
-    (out / "report.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    return text
+    return write_report(lines, results, out)
 
 
 def plot_by_length(by_len: dict[str, list[tuple]], path: Path, xlabel: str, ylabel: str, floor: float,
@@ -380,6 +374,14 @@ def differences(results: dict[str, list[dict]]) -> list[str]:
         m, s = mean_std([e["mean_acc"] for e in results[n]])
         lines.append(f"- {n}: {m - m0:+.3f} (std {s:.3f} vs {s0:.3f})")
     return lines
+
+
+def write_report(lines: list[str], results: dict, out: Path) -> str:
+    """Write ``out/report.md`` (the lines) and ``out/results.json``; returns the report text."""
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return text
 
 
 def cell_table(name: str, evs: list[dict], row_label: str) -> list[str]:
@@ -426,11 +428,7 @@ def e4_report(results: dict[str, list[dict]], out: Path, args) -> str:
     lines += ["", "Per-cell means ± std:", ""]
     for n in names:
         lines += cell_table(n, results[n], "pairs") + ["", f"![{n}](e4_{n}.png)", ""]
-    lines += ["![by length](e4_by_length.png)", ""]
-    text = "\n".join(lines)
-    (out / "report.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    return text
+    return write_report(lines + ["![by length](e4_by_length.png)", ""], results, out)
 
 
 def needle_report(results: dict[str, list[dict]], out: Path, args) -> str:
@@ -467,11 +465,7 @@ def needle_report(results: dict[str, list[dict]], out: Path, args) -> str:
         f"{n} " + ", ".join(f"{e['mean_acc']:.3f}" for e in results[n]) for n in names), ""]
     for n in names:
         lines += cell_table(n, results[n], "depth") + ["", f"![{n}](needle_{n}.png)", ""]
-    lines += ["![by length](needle_by_length.png)", ""]
-    text = "\n".join(lines)
-    (out / "report.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    return text
+    return write_report(lines + ["![by length](needle_by_length.png)", ""], results, out)
 
 
 def main() -> None:
